@@ -1,0 +1,14 @@
+"""Harmon's model code. These files are self-contained so that they can sit in a Hub repository as remote code."""
+
+from .configuration_harmon import HarmonConfig
+from .modeling_harmon import HarmonForConditionalGeneration, HarmonModel, HarmonPreTrainedModel
+from .scheduling_harmon import HarmonDiffusionScheduler
+
+
+__all__ = [
+    "HarmonConfig",
+    "HarmonDiffusionScheduler",
+    "HarmonForConditionalGeneration",
+    "HarmonModel",
+    "HarmonPreTrainedModel",
+]

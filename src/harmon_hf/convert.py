@@ -1,0 +1,247 @@
+"""Convert the released Harmon files (`harmon_*.pth` + `kl16.ckpt`) into a transformers model folder.
+
+Every tensor of the release is mapped by an explicit renaming rule; a tensor no rule maps, a tensor the model lacks
+or a shape the configuration contradicts stops the conversion before anything is written.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+
+from .modeling import HarmonConfig, HarmonForConditionalGeneration
+
+
+IMAGE_TOKEN = "<image>"
+
+# (pattern, replacement) on the names of harmon_*.pth, tried in order; `None` drops the tensor.
+HARMON_RULES = [
+    (r"^llm\.model\.", "model.language_model."),
+    (r"^llm\.lm_head\.", "lm_head."),
+    (r"^mar\.class_emb\.weight$", None),  # MAR's ImageNet class embedding: Harmon always uses fake_latent
+    (r"^mar\.fake_latent$", "model.mar_encoder.buffer_embedding"),
+    (r"^mar\.encoder_pos_embed_learned$", "model.mar_encoder.pos_embed"),
+    (r"^mar\.z_proj\.", "model.mar_encoder.token_proj."),
+    (r"^mar\.z_proj_ln\.", "model.mar_encoder.token_norm."),
+    (r"^mar\.encoder_blocks\.", "model.mar_encoder.stack.layers."),
+    (r"^mar\.encoder_norm\.", "model.mar_encoder.stack.norm."),
+    (r"^mar\.decoder_embed\.", "model.mar_decoder.embed."),
+    (r"^mar\.mask_token$", "model.mar_decoder.mask_token"),
+    (r"^mar\.decoder_pos_embed_learned$", "model.mar_decoder.pos_embed"),
+    (r"^mar\.decoder_blocks\.", "model.mar_decoder.stack.layers."),
+    (r"^mar\.decoder_norm\.", "model.mar_decoder.stack.norm."),
+    (r"^mar\.diffusion_pos_embed_learned$", "model.mar_decoder.diffusion_pos_embed"),
+    (r"^mar\.diffloss\.net\.time_embed\.mlp\.0\.", "model.diffusion_head.time_embed.linear_1."),
+    (r"^mar\.diffloss\.net\.time_embed\.mlp\.2\.", "model.diffusion_head.time_embed.linear_2."),
+    (r"^mar\.diffloss\.net\.(res_blocks\.\d+)\.in_ln\.", r"model.diffusion_head.\1.norm."),
+    (r"^mar\.diffloss\.net\.(res_blocks\.\d+)\.mlp\.0\.", r"model.diffusion_head.\1.fc1."),
+    (r"^mar\.diffloss\.net\.(res_blocks\.\d+)\.mlp\.2\.", r"model.diffusion_head.\1.fc2."),
+    (r"^mar\.diffloss\.net\.(res_blocks\.\d+|final_layer)\.adaLN_modulation\.1\.", r"model.diffusion_head.\1.modulation."),
+    (r"^mar\.diffloss\.net\.(final_layer\.linear|cond_embed|input_proj)\.", r"model.diffusion_head.\1."),
+    (r"^(proj_in|proj_out)\.0\.", r"model.\1.linear_1."),
+    (r"^(proj_in|proj_out)\.2\.", r"model.\1.linear_2."),
+]
+
+_RESNET_PARTS = r"(norm1|conv1|norm2|conv2|nin_shortcut)"
+_ATTENTION_PARTS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def vae_rules(num_levels: int) -> list[tuple[str, str]]:
+    """Renaming of the LDM KL autoencoder's names to diffusers' `AutoencoderKL` (decoder levels are reversed)."""
+    rules = [
+        (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
+        (r"^(encoder|decoder)\.(conv_in|conv_out)\.", r"\1.\2."),
+        (r"^(quant_conv|post_quant_conv)\.", r"\1."),
+        (r"^(encoder|decoder)\.mid\.block_1\." + _RESNET_PARTS + r"\.", r"\1.mid_block.resnets.0.\2."),
+        (r"^(encoder|decoder)\.mid\.block_2\." + _RESNET_PARTS + r"\.", r"\1.mid_block.resnets.1.\2."),
+        (r"^encoder\.down\.(\d+)\.block\.(\d+)\." + _RESNET_PARTS + r"\.", r"encoder.down_blocks.\1.resnets.\2.\3."),
+        (r"^encoder\.down\.(\d+)\.downsample\.conv\.", r"encoder.down_blocks.\1.downsamplers.0.conv."),
+    ]
+    for ldm_part, diffusers_part in _ATTENTION_PARTS.items():
+        rules += [
+            (rf"^(encoder|decoder)\.mid\.attn_1\.{ldm_part}\.", rf"\1.mid_block.attentions.0.{diffusers_part}."),
+            (rf"^encoder\.down\.(\d+)\.attn\.(\d+)\.{ldm_part}\.", rf"encoder.down_blocks.\1.attentions.\2.{diffusers_part}."),
+        ]
+    for level in range(num_levels):
+        up = num_levels - 1 - level
+        rules += [
+            (rf"^decoder\.up\.{level}\.block\.(\d+)\." + _RESNET_PARTS + r"\.", rf"decoder.up_blocks.{up}.resnets.\1.\2."),
+            (rf"^decoder\.up\.{level}\.upsample\.conv\.", rf"decoder.up_blocks.{up}.upsamplers.0.conv."),
+        ]
+    return [(pattern, "model.vae." + replacement) for pattern, replacement in rules]
+
+
+def rename(state_dict: dict, rules: list) -> tuple[dict, list[str]]:
+    """Apply the first matching rule to every name; returns the renamed tensors and the names no rule matched."""
+    renamed, unmatched = {}, []
+    for name, tensor in state_dict.items():
+        for pattern, replacement in rules:
+            if re.search(pattern, name):
+                if replacement is not None:
+                    renamed[re.sub(pattern, replacement, name)] = tensor
+                break
+        else:
+            unmatched.append(name)
+    return renamed, unmatched
+
+
+def config_from_reference(reference: dict) -> HarmonConfig:
+    """A `HarmonConfig` from the reference's constructor arguments (the schema of golden/config.json)."""
+    llm, mar, vae = reference["llm"], reference["mar"], reference["vae"]
+    num_levels = len(vae["ch_mult"])
+    vae_stride = 2 ** (num_levels - 1)
+    if mar.get("patch_size", 1) != 1:
+        raise ValueError(f"mar.patch_size must be 1 (Harmon uses one latent per token), got {mar['patch_size']}")
+    if mar["vae_stride"] != vae_stride:
+        raise ValueError(f"mar.vae_stride is {mar['vae_stride']} but a VAE with {num_levels} levels has stride {vae_stride}")
+    if mar["vae_embed_dim"] != vae["embed_dim"]:
+        raise ValueError(f"mar.vae_embed_dim ({mar['vae_embed_dim']}) must equal vae.embed_dim ({vae['embed_dim']})")
+    if mar["img_size"] % vae_stride:
+        raise ValueError(f"mar.img_size ({mar['img_size']}) must be a multiple of the VAE stride ({vae_stride})")
+    level_resolutions = [vae["resolution"] // 2**level for level in range(num_levels)]
+    vae_config = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": [
+            "AttnDownEncoderBlock2D" if resolution in vae["attn_resolutions"] else "DownEncoderBlock2D"
+            for resolution in level_resolutions
+        ],
+        "up_block_types": ["UpDecoderBlock2D"] * num_levels,
+        "block_out_channels": [vae["ch"] * multiplier for multiplier in vae["ch_mult"]],
+        "layers_per_block": vae["num_res_blocks"],
+        "latent_channels": vae["embed_dim"],
+        "norm_num_groups": 32,
+        "sample_size": vae["resolution"],
+        "act_fn": "silu",
+    }
+    text_config = {"model_type": "qwen2", **llm}
+    if reference.get("pad_token_id") is not None:
+        text_config["pad_token_id"] = reference["pad_token_id"]
+    return HarmonConfig(
+        text_config=text_config,
+        vae_config=vae_config,
+        vae_scale=reference["vae_scale"],
+        encoder_hidden_size=mar["encoder_embed_dim"],
+        encoder_num_hidden_layers=mar["encoder_depth"],
+        encoder_num_attention_heads=mar["encoder_num_heads"],
+        decoder_hidden_size=mar["decoder_embed_dim"],
+        decoder_num_hidden_layers=mar["decoder_depth"],
+        decoder_num_attention_heads=mar["decoder_num_heads"],
+        mlp_ratio=mar.get("mlp_ratio", 4.0),
+        layer_norm_eps=mar.get("norm_eps", 1e-6),
+        attention_dropout=mar.get("attn_dropout", 0.1),
+        hidden_dropout=mar.get("proj_dropout", 0.1),
+        buffer_size=mar["buffer_size"],
+        base_grid_size=mar["img_size"] // vae_stride,
+        diffusion_head_hidden_size=mar["diffloss_w"],
+        diffusion_head_num_layers=mar["diffloss_d"],
+        num_inference_steps=int(mar.get("num_sampling_steps", 100)),
+        diffusion_batch_mul=mar.get("diffusion_batch_mul", 4),
+        mask_ratio_min=mar.get("mask_ratio_min", 0.7),
+        image_size=reference.get("image_size", 512),
+        image_token_id=reference.get("image_token_id", HarmonConfig().image_token_id),
+    )
+
+
+def resolve_config(config: "str | Path | dict | HarmonConfig") -> HarmonConfig:
+    """`"0.5b"`/`"1.5b"`, a JSON file of the reference schema, its parsed dict, or a `HarmonConfig`."""
+    if isinstance(config, HarmonConfig):
+        return config
+    if isinstance(config, dict):
+        return config_from_reference(config)
+    if str(config).lower().removeprefix("harmon-").removeprefix("harmon_") in {"0.5b", "1.5b", "1.5b-o"}:
+        return HarmonConfig.from_release(str(config))
+    path = Path(config)
+    if not path.is_file():
+        raise ValueError(f"--config must be 0.5b, 1.5b or a JSON file, got {str(config)!r} (no such file)")
+    return config_from_reference(json.loads(path.read_text()))
+
+
+def load_release_state_dict(checkpoint: "str | Path", vae: "str | Path", config: HarmonConfig) -> dict:
+    """Both release files, renamed to this model's names; raises ValueError on any tensor left unmapped."""
+    harmon_state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    vae_file = torch.load(vae, map_location="cpu", weights_only=True)
+    vae_state = vae_file.get("model", vae_file) if isinstance(vae_file, dict) else vae_file
+    state_dict, unknown = rename(harmon_state, HARMON_RULES)
+    vae_renamed, vae_unknown = rename(vae_state, vae_rules(len(config.vae_config["block_out_channels"])))
+    state_dict.update(vae_renamed)
+    unknown = [f"{checkpoint}: {name}" for name in unknown] + [f"{vae}: {name}" for name in vae_unknown]
+    if unknown:
+        raise ValueError(f"{len(unknown)} tensor(s) of the release map to nothing in Harmon: {', '.join(unknown[:10])}")
+    return state_dict
+
+
+def build_model(state_dict: dict, config: HarmonConfig) -> HarmonForConditionalGeneration:
+    """The model holding exactly `state_dict`; raises ValueError on any missing tensor or contradicting shape."""
+    with init_empty_weights():
+        model = HarmonForConditionalGeneration(config)
+    expected = model.state_dict()
+    tied_head = "lm_head.weight"
+    if config.tie_word_embeddings and tied_head in state_dict:
+        embedding = state_dict["model.language_model.embed_tokens.weight"]
+        if not torch.equal(state_dict.pop(tied_head), embedding):
+            raise ValueError("The config ties the LM head to the embeddings, but the checkpoint's lm_head differs")
+    # A 1x1 attention conv of the LDM VAE is a linear layer in diffusers.
+    for name, tensor in state_dict.items():
+        if name.startswith("model.vae.") and tensor.ndim == 4 and expected.get(name) is not None:
+            if expected[name].ndim == 2:
+                state_dict[name] = tensor[:, :, 0, 0]
+    missing = sorted(set(expected) - set(state_dict) - ({tied_head} if config.tie_word_embeddings else set()))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"The release does not match the configuration: {len(missing)} missing tensor(s) {missing[:10]}, "
+            f"{len(unexpected)} unknown tensor(s) {unexpected[:10]}"
+        )
+    mismatched = [
+        f"{name}: checkpoint {tuple(tensor.shape)} vs config {tuple(expected[name].shape)}"
+        for name, tensor in state_dict.items()
+        if tensor.shape != expected[name].shape
+    ]
+    if mismatched:
+        raise ValueError(f"The configuration contradicts the checkpoint's shapes: {'; '.join(mismatched[:10])}")
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def add_image_token(tokenizer, config: HarmonConfig):
+    """Add `<image>` as a special token (as the reference does) and record its id in the config."""
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if config.image_token_id >= config.text_config.vocab_size:
+        raise ValueError(
+            f"<image> got id {config.image_token_id}, beyond the LLM's {config.text_config.vocab_size} embeddings"
+        )
+    return tokenizer
+
+
+def convert(
+    checkpoint: "str | Path",
+    vae: "str | Path",
+    config: "str | Path | dict | HarmonConfig",
+    output: "str | Path | None" = None,
+    tokenizer: "str | None" = None,
+    dtype: str = "float32",
+) -> HarmonForConditionalGeneration:
+    """Convert a release checkpoint and VAE; with `output`, save the model (safetensors) and tokenizer there."""
+    config = resolve_config(config)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    for path in (checkpoint, vae):
+        if not Path(path).is_file():
+            raise ValueError(f"No such file: {path}")
+    loaded_tokenizer = None
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        loaded_tokenizer = add_image_token(AutoTokenizer.from_pretrained(tokenizer), config)
+    model = build_model(load_release_state_dict(checkpoint, vae, config), config)
+    model = model.to(getattr(torch, dtype))
+    if output is not None:
+        model.save_pretrained(output)
+        if loaded_tokenizer is not None:
+            loaded_tokenizer.save_pretrained(output)
+    return model
