@@ -355,7 +355,9 @@ class HarmonModel(HarmonPreTrainedModel):
         self.proj_out = HarmonProjector(llm_width, config.encoder_hidden_size, llm_width)
         self.vae = AutoencoderKL.from_config({**config.vae_config, "scaling_factor": config.vae_scale})
         self.vae.requires_grad_(False)
-        self.noise_scheduler = HarmonDiffusionScheduler(num_train_timesteps=config.num_train_timesteps)
+        # Not a module: its float64 tables stay on the CPU even when the weights are created on the meta device.
+        with torch.device("cpu"):
+            self.noise_scheduler = HarmonDiffusionScheduler(num_train_timesteps=config.num_train_timesteps)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -507,8 +509,9 @@ class HarmonModel(HarmonPreTrainedModel):
         return HarmonRoundOutput(encoded=encoded, conditions=self.mar_decoder(encoded, mask, grid_size))
 
     def make_sampling_scheduler(self, num_inference_steps: int | None = None) -> HarmonDiffusionScheduler:
-        scheduler = HarmonDiffusionScheduler.from_config(self.noise_scheduler.config)
-        scheduler.set_timesteps(num_inference_steps or self.config.num_inference_steps)
+        with torch.device("cpu"):
+            scheduler = HarmonDiffusionScheduler.from_config(self.noise_scheduler.config)
+            scheduler.set_timesteps(num_inference_steps or self.config.num_inference_steps)
         return scheduler
 
     @torch.no_grad()

@@ -1,0 +1,54 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO.parent / "shared" / "reference"
+GOLDEN = REFERENCE / "golden"
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict:
+    return load_file(GOLDEN / "vectors.safetensors")
+
+
+@pytest.fixture(scope="session")
+def golden_reference_config() -> dict:
+    return json.loads((GOLDEN / "config.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """The golden tiny release converted through the `harmon convert` command."""
+    from harmon_hf.cli import main
+
+    output = tmp_path_factory.mktemp("harmon-tiny")
+    status = main(
+        [
+            "convert",
+            "--checkpoint", str(GOLDEN / "harmon_tiny.pth"),
+            "--vae", str(GOLDEN / "kl_tiny.ckpt"),
+            "--config", str(GOLDEN / "config.json"),
+            "--output", str(output),
+        ]
+    )
+    assert status == 0
+    return output
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_folder):
+    from harmon_hf import HarmonForConditionalGeneration
+
+    return HarmonForConditionalGeneration.from_pretrained(tiny_folder, dtype=torch.float32).eval()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-4, name: str = ""):
+    """max |a - e| <= tolerance * max(1, |e|): absolute for small values, relative where they are large."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    error = ((actual.float() - expected.float()).abs() / expected.float().abs().clamp(min=1.0)).max().item()
+    assert error <= tolerance, f"{name}: scaled error {error:.3g} > {tolerance}"
