@@ -44,7 +44,7 @@ HARMON_RULES = [
     (r"^(proj_in|proj_out)\.2\.", r"model.\1.linear_2."),
 ]
 
-_RESNET_PARTS = r"(norm1|conv1|norm2|conv2|nin_shortcut)"
+_RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
 _ATTENTION_PARTS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 
@@ -54,22 +54,25 @@ def vae_rules(num_levels: int) -> list[tuple[str, str]]:
         (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
         (r"^(encoder|decoder)\.(conv_in|conv_out)\.", r"\1.\2."),
         (r"^(quant_conv|post_quant_conv)\.", r"\1."),
-        (r"^(encoder|decoder)\.mid\.block_1\." + _RESNET_PARTS + r"\.", r"\1.mid_block.resnets.0.\2."),
-        (r"^(encoder|decoder)\.mid\.block_2\." + _RESNET_PARTS + r"\.", r"\1.mid_block.resnets.1.\2."),
-        (r"^encoder\.down\.(\d+)\.block\.(\d+)\." + _RESNET_PARTS + r"\.", r"encoder.down_blocks.\1.resnets.\2.\3."),
         (r"^encoder\.down\.(\d+)\.downsample\.conv\.", r"encoder.down_blocks.\1.downsamplers.0.conv."),
     ]
-    for ldm_part, diffusers_part in _ATTENTION_PARTS.items():
-        rules += [
-            (rf"^(encoder|decoder)\.mid\.attn_1\.{ldm_part}\.", rf"\1.mid_block.attentions.0.{diffusers_part}."),
-            (rf"^encoder\.down\.(\d+)\.attn\.(\d+)\.{ldm_part}\.", rf"encoder.down_blocks.\1.attentions.\2.{diffusers_part}."),
-        ]
+    resnets = [
+        (r"^(encoder|decoder)\.mid\.block_1", r"\1.mid_block.resnets.0"),
+        (r"^(encoder|decoder)\.mid\.block_2", r"\1.mid_block.resnets.1"),
+        (r"^encoder\.down\.(\d+)\.block\.(\d+)", r"encoder.down_blocks.\1.resnets.\2"),
+    ]
+    attentions = [
+        (r"^(encoder|decoder)\.mid\.attn_1", r"\1.mid_block.attentions.0"),
+        (r"^encoder\.down\.(\d+)\.attn\.(\d+)", r"encoder.down_blocks.\1.attentions.\2"),
+    ]
     for level in range(num_levels):
         up = num_levels - 1 - level
-        rules += [
-            (rf"^decoder\.up\.{level}\.block\.(\d+)\." + _RESNET_PARTS + r"\.", rf"decoder.up_blocks.{up}.resnets.\1.\2."),
-            (rf"^decoder\.up\.{level}\.upsample\.conv\.", rf"decoder.up_blocks.{up}.upsamplers.0.conv."),
-        ]
+        resnets.append((rf"^decoder\.up\.{level}\.block\.(\d+)", rf"decoder.up_blocks.{up}.resnets.\1"))
+        rules.append((rf"^decoder\.up\.{level}\.upsample\.conv\.", rf"decoder.up_blocks.{up}.upsamplers.0.conv."))
+    for prefixes, parts in ((resnets, _RESNET_PARTS), (attentions, _ATTENTION_PARTS)):
+        for (ldm_prefix, diffusers_prefix) in prefixes:
+            for ldm_part, diffusers_part in parts.items():
+                rules.append((rf"{ldm_prefix}\.{ldm_part}\.", rf"{diffusers_prefix}.{diffusers_part}."))
     return [(pattern, "model.vae." + replacement) for pattern, replacement in rules]
 
 

@@ -1,0 +1,177 @@
+"""The converter: every released tensor is mapped, any configuration of the reference schema converts, and a
+checkpoint that does not fit is refused with a clear error before anything is written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import GOLDEN, REFERENCE
+from harmon_hf import HarmonConfig
+from harmon_hf.convert import HARMON_RULES, build_model, convert, rename, resolve_config, vae_rules
+from reference_layout import random_release, release_shapes, variant
+
+
+QWEN_0_5B = {
+    "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+    "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
+    "rope_theta": 1000000.0, "rms_norm_eps": 1e-06,
+}
+MAR_B = {
+    "img_size": 256, "encoder_embed_dim": 768, "encoder_depth": 12, "encoder_num_heads": 12,
+    "decoder_embed_dim": 768, "decoder_depth": 12, "decoder_num_heads": 12, "buffer_size": 64,
+    "diffloss_d": 6, "diffloss_w": 1024, "vae_stride": 16, "patch_size": 1, "vae_embed_dim": 16, "class_num": 1000,
+}
+KL16 = {"ch": 128, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "attn_resolutions": [16], "resolution": 256, "embed_dim": 16}
+RELEASE_REFERENCE_CONFIGS = {
+    "0.5b": {"llm": QWEN_0_5B, "mar": MAR_B, "vae": KL16, "vae_scale": 0.2325},
+    "1.5b": {
+        "llm": {**QWEN_0_5B, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12},
+        "mar": {**MAR_B, "encoder_embed_dim": 1280, "encoder_depth": 20, "encoder_num_heads": 16,
+                "decoder_embed_dim": 1280, "decoder_depth": 20, "decoder_num_heads": 16, "diffloss_d": 12, "diffloss_w": 1536},
+        "vae": KL16,
+        "vae_scale": 0.2325,
+    },
+}
+
+
+def _meta_release(keys: dict) -> dict:
+    return {name: torch.empty(shape, device="meta") for name, shape in keys.items()}
+
+
+@pytest.mark.parametrize("size", ["0.5b", "1.5b"])
+def test_every_released_tensor_is_mapped(size):
+    """All tensors of the real release files land in the model of the preset, with the right shapes."""
+    keys = json.loads((REFERENCE / f"harmon-{size}-keys.json").read_text())
+    config = HarmonConfig.from_release(size)
+    harmon, unmatched = rename(_meta_release(keys["harmon"]), HARMON_RULES)
+    vae, vae_unmatched = rename(_meta_release(keys["vae"]), vae_rules(len(config.vae_config["block_out_channels"])))
+    assert unmatched == [] and vae_unmatched == []
+    assert len(harmon) == len(keys["harmon"]) - 1  # only mar.class_emb is dropped
+    harmon.pop("lm_head.weight")  # tied to the embeddings
+    with torch.device("meta"):
+        model = build_model({**harmon, **vae}, config)
+    assert sum(p.numel() for p in model.parameters()) > 4e8
+
+
+@pytest.mark.parametrize("size", ["0.5b", "1.5b"])
+def test_reference_layout_matches_the_release(size):
+    """The test's own layout generator agrees with the real release's names and shapes."""
+    keys = json.loads((REFERENCE / f"harmon-{size}-keys.json").read_text())
+    harmon, vae = release_shapes(RELEASE_REFERENCE_CONFIGS[size])
+    assert harmon == {name: tuple(shape) for name, shape in keys["harmon"].items()}
+    assert vae == {name: tuple(shape) for name, shape in keys["vae"].items()}
+
+
+def test_reference_configs_give_the_presets():
+    for size, reference in RELEASE_REFERENCE_CONFIGS.items():
+        converted, preset = resolve_config(reference), HarmonConfig.from_release(size)
+        for field in ("encoder_hidden_size", "decoder_num_hidden_layers", "diffusion_head_hidden_size", "buffer_size"):
+            assert getattr(converted, field) == getattr(preset, field)
+        assert converted.vae_config == preset.vae_config
+        assert converted.text_config.hidden_size == preset.text_config.hidden_size
+
+
+VARIANTS = {
+    "decoder_wider_than_encoder": {"mar__decoder_embed_dim": 48, "mar__decoder_num_heads": 3},
+    "uneven_vae_multipliers": {"vae__ch_mult": [1, 2, 2, 1, 2]},
+    "vae_attention_one_level_up": {"vae__attn_resolutions": [32]},
+    "larger_base_grid": {"mar__img_size": 128},
+    "wider_llm_and_head": {"llm__hidden_size": 96, "llm__num_attention_heads": 6, "mar__diffloss_w": 48, "mar__diffloss_d": 3},
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_other_configurations_convert_and_run(tmp_path, golden_reference_config, name):
+    reference = variant(golden_reference_config, **VARIANTS[name])
+    harmon, vae = random_release(reference)
+    torch.save(harmon, tmp_path / "harmon.pth")
+    torch.save({"model": vae}, tmp_path / "vae.ckpt")
+    (tmp_path / "config.json").write_text(json.dumps(reference))
+    model = convert(tmp_path / "harmon.pth", tmp_path / "vae.ckpt", tmp_path / "config.json")
+
+    # Tensors arrive unchanged (1x1 attention convs as linears; LDM decoder levels reversed in diffusers).
+    inner = model.model
+    assert torch.equal(inner.mar_decoder.embed.weight, harmon["mar.decoder_embed.weight"])
+    assert torch.equal(inner.diffusion_head.final_layer.modulation.bias, harmon["mar.diffloss.net.final_layer.adaLN_modulation.1.bias"])
+    assert torch.equal(inner.vae.decoder.up_blocks[0].resnets[0].conv1.weight, vae["decoder.up.4.block.0.conv1.weight"])
+    attention_level = [i for i, t in enumerate(inner.vae.config.down_block_types) if t.startswith("Attn")][0]
+    assert torch.equal(
+        inner.vae.encoder.down_blocks[attention_level].attentions[0].to_q.weight,
+        vae[f"encoder.down.{attention_level}.attn.0.q.weight"][:, :, 0, 0],
+    )
+
+    # Understanding and a generation round run at a size other than the base grid.
+    pixels = torch.rand(1, 3, 64, 96) * 2 - 1
+    num_features = (64 // 16) * (96 // 16) + reference["mar"]["buffer_size"]
+    input_ids = torch.cat([torch.tensor([[5, 6]]), torch.full((1, num_features), reference["image_token_id"]), torch.tensor([[7]])], 1)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, pixel_values=pixels).logits
+        latents = model.generate_images(torch.tensor([[5, 6, 7], [5, 8, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]]),
+                                        height=32, width=48, num_iter=2, num_inference_steps=3, output_type="latent")
+    assert logits.shape == (1, input_ids.shape[1], reference["llm"]["vocab_size"]) and torch.isfinite(logits).all()
+    assert latents.shape == (1, 2, 3, 16) and torch.isfinite(latents).all()
+
+
+def _write_release(tmp_path, harmon, vae, reference):
+    torch.save(harmon, tmp_path / "harmon.pth")
+    torch.save({"model": vae}, tmp_path / "vae.ckpt")
+    (tmp_path / "config.json").write_text(json.dumps(reference))
+    return [str(tmp_path / "harmon.pth"), str(tmp_path / "vae.ckpt"), str(tmp_path / "config.json")]
+
+
+def test_missing_tensor_is_refused(tmp_path, golden_reference_config):
+    harmon, vae = random_release(golden_reference_config)
+    del harmon["mar.decoder_blocks.1.mlp.fc2.bias"]
+    paths = _write_release(tmp_path, harmon, vae, golden_reference_config)
+    with pytest.raises(ValueError, match=r"missing tensor.*mar_decoder\.stack\.layers\.1\.mlp\.fc2\.bias"):
+        convert(*paths, output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_tensor_is_refused(tmp_path, golden_reference_config):
+    harmon, vae = random_release(golden_reference_config)
+    vae["encoder.extra_head.weight"] = torch.zeros(3)
+    paths = _write_release(tmp_path, harmon, vae, golden_reference_config)
+    with pytest.raises(ValueError, match=r"map to nothing.*encoder\.extra_head\.weight"):
+        convert(*paths, output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_contradicting_the_checkpoint_is_refused(tmp_path, golden_reference_config):
+    harmon, vae = random_release(golden_reference_config)
+    contradicting = variant(golden_reference_config, mar__diffloss_w=96)
+    paths = _write_release(tmp_path, harmon, vae, contradicting)
+    with pytest.raises(ValueError, match=r"contradicts the checkpoint's shapes.*diffusion_head"):
+        convert(*paths, output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_inconsistent_reference_config_is_refused(golden_reference_config):
+    with pytest.raises(ValueError, match="vae_stride"):
+        resolve_config(variant(golden_reference_config, mar__vae_stride=8))
+    with pytest.raises(ValueError, match="no such file"):
+        resolve_config("does-not-exist.json")
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "harmon_hf.cli", "convert", "--checkpoint", str(tmp_path / "missing.pth"),
+         "--vae", str(GOLDEN / "kl_tiny.ckpt"), "--config", str(GOLDEN / "config.json"), "--output", str(tmp_path / "o")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "No such file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_converted_folder_is_safetensors_and_bfloat16_on_request(tmp_path):
+    convert(GOLDEN / "harmon_tiny.pth", GOLDEN / "kl_tiny.ckpt", GOLDEN / "config.json", output=tmp_path, dtype="bfloat16")
+    files = {path.name for path in tmp_path.iterdir()}
+    assert "model.safetensors" in files and not any(name.endswith((".bin", ".pth", ".pt")) for name in files)
+    assert {"modeling_harmon.py", "configuration_harmon.py", "scheduling_harmon.py"} <= files
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "model.safetensors", "pt") as weights:
+        assert weights.get_tensor("model.mar_encoder.pos_embed").dtype == torch.bfloat16
