@@ -282,12 +282,14 @@ def num_masked_after_round(round_index: int, num_rounds: int, num_tokens: int, n
     return int(max(1, min(num_masked_now - 1, scheduled)))
 
 
+GUIDANCE_SCHEDULES = ("constant", "linear")
+
+
 def guidance_scale_at(guidance_scale: float, schedule: str, num_masked_next: int, num_tokens: int) -> float:
-    if schedule == "constant":
-        return guidance_scale
+    """The round's guidance: constant, or growing linearly with the share of tokens generated (Muse)."""
     if schedule == "linear":
         return 1.0 + (guidance_scale - 1.0) * (num_tokens - num_masked_next) / num_tokens
-    raise ValueError(f"guidance_schedule must be 'constant' or 'linear', got {schedule!r}")
+    return guidance_scale
 
 
 def scale_gradient(tensor: torch.Tensor, scale: float) -> torch.Tensor:
@@ -731,6 +733,8 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
             raise ValueError(f"height and width must be multiples of {stride}, got {height}x{width}")
         if num_iter < 1:
             raise ValueError(f"num_iter must be at least 1, got {num_iter}")
+        if guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
         grid_size = (height // stride, width // stride)
         num_tokens = grid_size[0] * grid_size[1]
         num_prompts = input_ids.shape[0]

@@ -1,0 +1,193 @@
+"""Behaviour of the model beyond the golden vectors: text generation with the cache, image generation, training
+gradients, bfloat16 and clear errors on bad input."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import assert_close
+
+
+IMAGE_TOKEN_COUNT = 4 * 4 + 4  # a 64 px image: 16 tokens plus 4 buffers
+
+
+def _prompt(model, text_ids, with_image=True):
+    image = [model.config.image_token_id] * IMAGE_TOKEN_COUNT if with_image else []
+    return [1, 2] + image + text_ids
+
+
+def _left_pad(rows, pad_id=0):
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows])
+    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    return input_ids, attention_mask
+
+
+@torch.no_grad()
+def test_generate_uses_the_cache_and_batches_with_padding(tiny_model, golden):
+    pixels = golden["und.pixel_values"]
+    rows = [_prompt(tiny_model, [7, 8, 9, 10, 11]), _prompt(tiny_model, [12])]
+    input_ids, attention_mask = _left_pad(rows)
+    batched = tiny_model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels, max_new_tokens=6, do_sample=False
+    )[:, input_ids.shape[1]:]
+    for index, row in enumerate(rows):
+        # Reference: greedy decoding without a cache, recomputing the whole sequence every step.
+        sequence = torch.tensor([row])
+        for _ in range(6):
+            logits = tiny_model(input_ids=sequence, pixel_values=pixels[index : index + 1], use_cache=False).logits
+            sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert batched[index].tolist() == sequence[0, len(row):].tolist()
+
+
+@torch.no_grad()
+def test_generate_samples_reproducibly(tiny_model, golden):
+    input_ids = torch.tensor([_prompt(tiny_model, [7, 8])])
+    pixels = golden["und.pixel_values"][:1]
+    outputs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        outputs.append(tiny_model.generate(input_ids=input_ids, pixel_values=pixels, do_sample=True, top_k=0,
+                                           max_new_tokens=12).tolist())
+    assert outputs[0] == outputs[1] and outputs[0] != outputs[2]
+
+
+def _generation_prompts():
+    # Two conditional prompts, then their two unconditional prompts; right-padded with 0.
+    input_ids = torch.tensor([[3, 4, 5, 6], [3, 7, 0, 0], [3, 9, 0, 0], [3, 9, 0, 0]])
+    return input_ids, (input_ids != 0).long()
+
+
+@torch.no_grad()
+def test_generate_images_is_seeded(tiny_model):
+    input_ids, attention_mask = _generation_prompts()
+    kwargs = dict(height=64, width=32, num_iter=4, num_inference_steps=5, output_type="latent")
+    first = tiny_model.generate_images(input_ids, attention_mask, generator=torch.Generator().manual_seed(3), **kwargs)
+    again = tiny_model.generate_images(input_ids, attention_mask, generator=torch.Generator().manual_seed(3), **kwargs)
+    other = tiny_model.generate_images(input_ids, attention_mask, generator=torch.Generator().manual_seed(4), **kwargs)
+    assert first.shape == (2, 4, 2, 16)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    pixels = tiny_model.decode_latents(first)
+    assert pixels.shape == (2, 3, 64, 32)
+    linear = tiny_model.generate_images(input_ids, attention_mask, guidance_schedule="linear",
+                                        generator=torch.Generator().manual_seed(3), **kwargs)
+    assert not torch.equal(first, linear)
+
+
+@torch.no_grad()
+def test_inpainting_keeps_unmasked_tokens_exactly(tiny_model):
+    input_ids, attention_mask = _generation_prompts()
+    given = torch.randn(2, 4, 4, 16)
+    mask = torch.zeros(2, 16)
+    mask[:, [0, 5, 6, 15]] = 1  # regenerate four tokens of each image
+    result = tiny_model.generate_images(input_ids, attention_mask, height=64, width=64, num_iter=3,
+                                        num_inference_steps=4, image_latents=given, mask=mask, output_type="latent",
+                                        generator=torch.Generator().manual_seed(0))
+    keep = mask.reshape(2, 4, 4) == 0
+    assert torch.equal(result[keep], given[keep])
+    assert not torch.equal(result[~keep], given[~keep])
+
+
+@torch.no_grad()
+def test_mar_encoder_runs_once_per_round_under_guidance(tiny_model):
+    calls = []
+    handle = tiny_model.model.mar_encoder.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    try:
+        input_ids, attention_mask = _generation_prompts()
+        tiny_model.generate_images(input_ids, attention_mask, height=64, width=64, num_iter=3, num_inference_steps=2)
+    finally:
+        handle.remove()
+    assert len(calls) == 3 and all(shape[0] == 2 for shape in calls)
+
+
+def test_visual_gradient_scale(tiny_model, golden):
+    """The understanding loss's gradient into the visual features is scaled by 0.1, the forward is unchanged."""
+    gradients, losses = {}, {}
+    for scale in (1.0, 0.1):
+        model = copy.deepcopy(tiny_model).train()
+        model.config.visual_gradient_scale = scale
+        model.model.mar_encoder.stack.layers[0].attn.attention_dropout = 0.0
+        loss = model.image_to_text_loss(golden["und.input_ids"], golden["und.attention_mask"],
+                                        golden["und.pixel_values"], golden["und.labels"])
+        loss.backward()
+        losses[scale] = loss.item()
+        gradients[scale] = model.model.proj_in.linear_2.weight.grad.clone()
+        assert model.model.vae.encoder.conv_in.weight.grad is None  # the VAE stays frozen
+        assert model.lm_head.weight.grad is not None
+    assert losses[1.0] == losses[0.1]
+    assert_close(gradients[0.1], 0.1 * gradients[1.0], tolerance=1e-6, name="scaled gradient")
+
+
+def test_text_to_image_loss_trains_every_generation_module(tiny_model, golden):
+    model = copy.deepcopy(tiny_model).train()
+    loss = model.text_to_image_loss(golden["t2i.prompt_ids"], golden["t2i.prompt_mask"],
+                                    pixel_values=golden["vae.pixels"])
+    loss.backward()
+    inner = model.model
+    for module in (inner.mar_encoder, inner.mar_decoder, inner.diffusion_head, inner.proj_in, inner.proj_out,
+                   inner.language_model.layers[0]):
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
+    assert all(p.grad is None for p in inner.vae.parameters())
+
+
+def test_random_training_mask_follows_the_truncated_ratio(tiny_model):
+    generator = torch.Generator().manual_seed(0)
+    counts = [int(tiny_model.model.random_mask(3, 256, generator=generator)[0].sum()) for _ in range(200)]
+    assert min(counts) >= 0.7 * 256 and max(counts) <= 256
+    masks = tiny_model.model.random_mask(3, 256, generator=generator)
+    assert len(set(masks.sum(dim=1).tolist())) == 1 and not torch.equal(masks[0], masks[1])
+
+
+@torch.no_grad()
+def test_bfloat16_end_to_end(tiny_model, golden):
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    inputs = dict(input_ids=golden["und.input_ids"], attention_mask=golden["und.attention_mask"],
+                  pixel_values=golden["und.pixel_values"])
+    valid = golden["und.attention_mask"].bool()
+    logits = model(**inputs).logits[valid].float()
+    reference = tiny_model(**inputs).logits[valid]
+    assert torch.isfinite(logits).all()
+    assert (logits - reference).abs().max() <= 0.05 * reference.abs().max()
+
+    cache = model.model.prefill_prompt(golden["gen.prompt_ids"], golden["gen.prompt_mask"])
+    conditions = model.model.run_round(golden["gen.tokens"][:2], golden["gen.mask"][:2], (4, 4), cache,
+                                       golden["gen.prompt_mask"]).conditions.float()
+    assert (conditions - golden["gen.z"]).abs().max() <= 0.05 * golden["gen.z"].abs().max()
+
+    input_ids, attention_mask = _generation_prompts()
+    image = model.generate_images(input_ids, attention_mask, height=64, width=64, num_iter=4, num_inference_steps=10,
+                                  generator=torch.Generator().manual_seed(0))
+    assert image.dtype == torch.bfloat16 and torch.isfinite(image.float()).all()
+
+
+@pytest.mark.parametrize(
+    "pixels, message",
+    [
+        (torch.zeros(1, 3, 60, 64), "multiples of 16, got 60x64"),
+        (torch.full((1, 3, 64, 64), 200.0), r"normalised to \[-1, 1\]"),
+        (torch.zeros(1, 64, 64, 3), r"shape \(batch, 3, height, width\)"),
+    ],
+)
+def test_bad_pixel_values(tiny_model, pixels, message):
+    input_ids = torch.tensor([_prompt(tiny_model, [7])])
+    with pytest.raises(ValueError, match=message):
+        tiny_model(input_ids=input_ids, pixel_values=pixels)
+
+
+def test_placeholder_count_must_match_the_images(tiny_model, golden):
+    input_ids = torch.tensor([_prompt(tiny_model, [7])[:-3]])  # two placeholders short
+    with pytest.raises(ValueError, match=r"18 image placeholder tokens .* 1 image\(s\) give 20 features"):
+        tiny_model(input_ids=input_ids, pixel_values=golden["und.pixel_values"][:1])
+    with pytest.raises(ValueError, match=r"40 image placeholder tokens .* 1 image\(s\) give 20"):
+        tiny_model(input_ids=torch.tensor([_prompt(tiny_model, [7]) * 2]), pixel_values=golden["und.pixel_values"][:1])
+
+
+def test_bad_generation_arguments(tiny_model):
+    input_ids, attention_mask = _generation_prompts()
+    with pytest.raises(ValueError, match="multiples of 16, got 40x64"):
+        tiny_model.generate_images(input_ids, attention_mask, height=40, width=64)
+    with pytest.raises(ValueError, match="equal numbers, got 3"):
+        tiny_model.generate_images(input_ids[:3], attention_mask[:3], height=64, width=64)
+    with pytest.raises(ValueError, match=r"guidance_schedule must be one of \('constant', 'linear'\), got 'cosine'"):
+        tiny_model.generate_images(input_ids, attention_mask, height=64, width=64, num_iter=1, guidance_schedule="cosine")
