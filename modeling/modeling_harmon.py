@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
@@ -70,7 +71,7 @@ class HarmonMARMLP(nn.Module):
         return self.dropout(self.fc2(self.dropout(F.gelu(self.fc1(hidden_states)))))
 
 
-class HarmonMARBlock(nn.Module):
+class HarmonMARBlock(GradientCheckpointingLayer):
     """Pre-norm ViT block."""
 
     def __init__(self, config: HarmonConfig, hidden_size: int, num_heads: int):
@@ -102,14 +103,10 @@ class HarmonMARStack(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([HarmonMARBlock(config, hidden_size, num_heads) for _ in range(num_layers)])
         self.norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
-        self.gradient_checkpointing = False
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                hidden_states = torch.utils.checkpoint.checkpoint(layer, hidden_states, use_reentrant=False)
-            else:
-                hidden_states = layer(hidden_states)
+            hidden_states = layer(hidden_states)
         return self.norm(hidden_states)
 
 
@@ -186,7 +183,7 @@ def modulate(hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tens
     return hidden_states * (1 + scale) + shift
 
 
-class HarmonDiffusionResBlock(nn.Module):
+class HarmonDiffusionResBlock(GradientCheckpointingLayer):
     def __init__(self, width: int):
         super().__init__()
         self.norm = nn.LayerNorm(width, eps=1e-6)
@@ -227,7 +224,6 @@ class HarmonDiffusionHead(nn.Module):
             [HarmonDiffusionResBlock(width) for _ in range(config.diffusion_head_num_layers)]
         )
         self.final_layer = HarmonDiffusionFinalLayer(width, 2 * config.latent_channels)
-        self.gradient_checkpointing = False
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """noisy (n, c), timesteps (n,) of the original process, condition (n, d_dec) -> (n, 2c)."""
@@ -235,12 +231,7 @@ class HarmonDiffusionHead(nn.Module):
         hidden_states = self.input_proj(noisy.to(dtype))
         conditioning = self.time_embed(self.time_proj(timesteps).to(dtype)) + self.cond_embed(condition.to(dtype))
         for block in self.res_blocks:
-            if self.gradient_checkpointing and self.training:
-                hidden_states = torch.utils.checkpoint.checkpoint(
-                    block, hidden_states, conditioning, use_reentrant=False
-                )
-            else:
-                hidden_states = block(hidden_states, conditioning)
+            hidden_states = block(hidden_states, conditioning)
         return self.final_layer(hidden_states, conditioning)
 
     def forward_with_guidance(self, noisy, timesteps, condition, guidance_scale: float) -> torch.Tensor:
@@ -316,7 +307,7 @@ class HarmonPreTrainedModel(PreTrainedModel):
     config_class = HarmonConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Qwen2DecoderLayer", "HarmonMARBlock", "HarmonDiffusionHead"]
+    _no_split_modules = ["Qwen2DecoderLayer", "HarmonMARBlock", "HarmonDiffusionHead", "HarmonProjector"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -335,12 +326,6 @@ class HarmonPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.linear.bias)
         else:
             super()._init_weights(module)
-
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
-        for module in self.modules():
-            if isinstance(module, (HarmonMARStack, HarmonDiffusionHead)):
-                module.gradient_checkpointing = enable
-        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func)
 
 
 class HarmonModel(HarmonPreTrainedModel):

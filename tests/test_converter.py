@@ -175,3 +175,48 @@ def test_converted_folder_is_safetensors_and_bfloat16_on_request(tmp_path):
 
     with safe_open(tmp_path / "model.safetensors", "pt") as weights:
         assert weights.get_tensor("model.mar_encoder.pos_embed").dtype == torch.bfloat16
+
+
+def _tiny_tokenizer_folder(path, vocab_size):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(path)
+    return path
+
+
+def test_tokenizer_gets_the_image_token_and_is_saved(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer_folder = _tiny_tokenizer_folder(tmp_path / "tokenizer", 511)  # <image> becomes 511, as in golden
+    from harmon_hf.cli import main
+
+    assert main(["convert", "--checkpoint", str(GOLDEN / "harmon_tiny.pth"), "--vae", str(GOLDEN / "kl_tiny.ckpt"),
+                 "--config", str(GOLDEN / "config.json"), "--tokenizer", str(tokenizer_folder),
+                 "--output", str(tmp_path / "out")]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer.encode("w5 <image> w7", add_special_tokens=False) == [5, 511, 7]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["image_token_id"] == 511
+
+
+def test_image_token_beyond_the_embeddings_is_refused(tmp_path):
+    tokenizer_folder = _tiny_tokenizer_folder(tmp_path / "tokenizer", 600)
+    with pytest.raises(ValueError, match="<image> got id 600, beyond the LLM's 512 embeddings"):
+        convert(GOLDEN / "harmon_tiny.pth", GOLDEN / "kl_tiny.ckpt", GOLDEN / "config.json",
+                output=tmp_path / "out", tokenizer=str(tokenizer_folder))
+    assert not (tmp_path / "out").exists()
+
+
+def test_qwen2_5_image_token_id():
+    """With the real Qwen2.5 vocabulary, <image> lands right after the 22 special tokens, as in the release."""
+    from harmon_hf.convert import add_image_token
+    from offline_qwen import qwen2_5_tokenizer
+
+    tokenizer = qwen2_5_tokenizer()
+    config = HarmonConfig.from_release("0.5b", image_token_id=0)
+    add_image_token(tokenizer, config)
+    assert config.image_token_id == 151665 == HarmonConfig().image_token_id
+    assert tokenizer.encode("Hello <image>", add_special_tokens=False) == [9707, 220, 151665]

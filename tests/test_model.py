@@ -191,3 +191,20 @@ def test_bad_generation_arguments(tiny_model):
         tiny_model.generate_images(input_ids[:3], attention_mask[:3], height=64, width=64)
     with pytest.raises(ValueError, match=r"guidance_schedule must be one of \('constant', 'linear'\), got 'cosine'"):
         tiny_model.generate_images(input_ids, attention_mask, height=64, width=64, num_iter=1, guidance_schedule="cosine")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model, golden):
+    inputs = dict(latents=golden["t2i.latents"], mask=golden["t2i.mask"], timesteps=golden["t2i.t"],
+                  noise=golden["t2i.noise"])
+    gradients = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(tiny_model).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            blocks = [model.model.mar_encoder.stack.layers[0], model.model.diffusion_head.res_blocks[0],
+                      model.model.language_model.layers[0]]
+            assert all(block.gradient_checkpointing for block in blocks)
+        model.text_to_image_loss(golden["t2i.prompt_ids"], golden["t2i.prompt_mask"], **inputs).backward()
+        gradients.append([p.grad.clone() for p in model.model.mar_decoder.parameters()])
+    for plain, checkpointed in zip(*gradients):
+        assert torch.allclose(plain, checkpointed, atol=1e-6)
