@@ -220,3 +220,14 @@ def test_qwen2_5_image_token_id():
     add_image_token(tokenizer, config)
     assert config.image_token_id == 151665 == HarmonConfig().image_token_id
     assert tokenizer.encode("Hello <image>", add_special_tokens=False) == [9707, 220, 151665]
+
+
+def test_large_conversions_are_sharded(tmp_path):
+    from harmon_hf import HarmonForConditionalGeneration
+
+    model = convert(GOLDEN / "harmon_tiny.pth", GOLDEN / "kl_tiny.ckpt", GOLDEN / "config.json", output=tmp_path,
+                    max_shard_size="1MB")
+    shards = sorted(path.name for path in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and (tmp_path / "model.safetensors.index.json").is_file()
+    reloaded = HarmonForConditionalGeneration.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))

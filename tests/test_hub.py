@@ -76,6 +76,7 @@ def test_dtype_and_device_map(tiny_folder, golden):
     model = AutoModel.from_pretrained(tiny_folder, dtype=torch.bfloat16, device_map="auto")
     assert model.model.vae.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
     assert all(parameter.device.type == "cpu" for parameter in model.parameters())  # materialised, none on meta
+    assert AutoModel.from_pretrained(tiny_folder, torch_dtype=torch.float16).lm_head.weight.dtype == torch.float16
     with torch.no_grad():
         logits = model(input_ids=golden["und.input_ids"], attention_mask=golden["und.attention_mask"],
                        pixel_values=golden["und.pixel_values"]).logits

@@ -15,6 +15,8 @@ from .modeling import HarmonConfig, HarmonForConditionalGeneration
 
 
 IMAGE_TOKEN = "<image>"
+# Shards of at most this size keep every file of the 1.5B model in float32 small enough for ordinary uploads.
+MAX_SHARD_SIZE = "2GB"
 
 # (pattern, replacement) on the names of harmon_*.pth, tried in order; `None` drops the tensor.
 HARMON_RULES = [
@@ -228,6 +230,7 @@ def convert(
     output: "str | Path | None" = None,
     tokenizer: "str | None" = None,
     dtype: str = "float32",
+    max_shard_size: "int | str" = MAX_SHARD_SIZE,
 ) -> HarmonForConditionalGeneration:
     """Convert a release checkpoint and VAE; with `output`, save the model (safetensors) and tokenizer there."""
     config = resolve_config(config)
@@ -244,7 +247,7 @@ def convert(
     model = build_model(load_release_state_dict(checkpoint, vae, config), config)
     model = model.to(getattr(torch, dtype))
     if output is not None:
-        model.save_pretrained(output)
+        model.save_pretrained(output, max_shard_size=max_shard_size)
         if loaded_tokenizer is not None:
             loaded_tokenizer.save_pretrained(output)
     return model
