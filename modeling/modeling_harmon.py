@@ -96,6 +96,19 @@ def resize_grid_embedding(embedding: torch.Tensor, base_grid_size: int, grid_siz
     return grid.permute(0, 2, 3, 1).reshape(1, height * width, -1)
 
 
+def buffered_position_embedding(
+    embedding: torch.Tensor, buffer_size: int, base_grid_size: int, grid_size: tuple[int, int]
+) -> torch.Tensor:
+    """A (1, buffer_size + base², d) embedding for an h x w grid: the buffer part as is, the image part resized."""
+    buffer_part, image_part = embedding.split([buffer_size, base_grid_size**2], dim=1)
+    return torch.cat([buffer_part, resize_grid_embedding(image_part, base_grid_size, grid_size)], dim=1)
+
+
+def visible_positions(mask: torch.Tensor, buffer_size: int) -> torch.Tensor:
+    """(b, buffer_size + L) booleans: the buffer slots and the unmasked image tokens."""
+    return torch.cat([mask.new_zeros(mask.shape[0], buffer_size), mask], dim=1) == 0
+
+
 class HarmonMARStack(nn.Module):
     """The transformer blocks and final norm shared by the MAR encoder and decoder."""
 
@@ -126,10 +139,6 @@ class HarmonMAREncoder(nn.Module):
             config, width, config.encoder_num_hidden_layers, config.encoder_num_attention_heads
         )
 
-    def position_embedding(self, grid_size: tuple[int, int]) -> torch.Tensor:
-        buffer_part, image_part = self.pos_embed.split([self.buffer_size, self.base_grid_size**2], dim=1)
-        return torch.cat([buffer_part, resize_grid_embedding(image_part, self.base_grid_size, grid_size)], dim=1)
-
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         """tokens (b, h*w, c), mask (b, h*w) with 1 = masked -> (b, buffer_size + visible, d), buffers first.
 
@@ -138,10 +147,9 @@ class HarmonMAREncoder(nn.Module):
         batch = tokens.shape[0]
         embeddings = self.token_proj(tokens.to(self.token_proj.weight.dtype))
         buffers = self.buffer_embedding.expand(batch, self.buffer_size, -1)
-        embeddings = torch.cat([buffers, embeddings], dim=1) + self.position_embedding(grid_size)
-        embeddings = self.token_norm(embeddings)
-        keep = torch.cat([mask.new_zeros(batch, self.buffer_size), mask], dim=1) == 0
-        visible = embeddings[keep].reshape(batch, -1, embeddings.shape[-1])
+        position = buffered_position_embedding(self.pos_embed, self.buffer_size, self.base_grid_size, grid_size)
+        embeddings = self.token_norm(torch.cat([buffers, embeddings], dim=1) + position)
+        visible = embeddings[visible_positions(mask, self.buffer_size)].reshape(batch, -1, embeddings.shape[-1])
         return self.stack(visible)
 
 
@@ -166,10 +174,8 @@ class HarmonMARDecoder(nn.Module):
         batch, length = mask.shape
         embedded = self.embed(encoded)
         full = self.mask_token.to(embedded.dtype).expand(batch, self.buffer_size + length, -1).clone()
-        keep = torch.cat([mask.new_zeros(batch, self.buffer_size), mask], dim=1) == 0
-        full[keep] = embedded.reshape(-1, embedded.shape[-1])
-        buffer_part, image_part = self.pos_embed.split([self.buffer_size, self.base_grid_size**2], dim=1)
-        full = full + torch.cat([buffer_part, resize_grid_embedding(image_part, self.base_grid_size, grid_size)], 1)
+        full[visible_positions(mask, self.buffer_size)] = embedded.reshape(-1, embedded.shape[-1])
+        full = full + buffered_position_embedding(self.pos_embed, self.buffer_size, self.base_grid_size, grid_size)
         hidden_states = self.stack(full)[:, self.buffer_size :]
         return hidden_states + resize_grid_embedding(self.diffusion_pos_embed, self.base_grid_size, grid_size)
 

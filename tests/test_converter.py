@@ -87,10 +87,7 @@ VARIANTS = {
 def test_other_configurations_convert_and_run(tmp_path, golden_reference_config, name):
     reference = variant(golden_reference_config, **VARIANTS[name])
     harmon, vae = random_release(reference)
-    torch.save(harmon, tmp_path / "harmon.pth")
-    torch.save({"model": vae}, tmp_path / "vae.ckpt")
-    (tmp_path / "config.json").write_text(json.dumps(reference))
-    model = convert(tmp_path / "harmon.pth", tmp_path / "vae.ckpt", tmp_path / "config.json")
+    model = convert(*_write_release(tmp_path, harmon, vae, reference))
 
     # Tensors arrive unchanged (1x1 attention convs as linears; LDM decoder levels reversed in diffusers).
     inner = model.model
@@ -119,33 +116,36 @@ def _write_release(tmp_path, harmon, vae, reference):
     torch.save(harmon, tmp_path / "harmon.pth")
     torch.save({"model": vae}, tmp_path / "vae.ckpt")
     (tmp_path / "config.json").write_text(json.dumps(reference))
-    return [str(tmp_path / "harmon.pth"), str(tmp_path / "vae.ckpt"), str(tmp_path / "config.json")]
+    return tmp_path / "harmon.pth", tmp_path / "vae.ckpt", tmp_path / "config.json"
 
 
-def test_missing_tensor_is_refused(tmp_path, golden_reference_config):
-    harmon, vae = random_release(golden_reference_config)
+def _drop_decoder_bias(harmon, vae, reference):
     del harmon["mar.decoder_blocks.1.mlp.fc2.bias"]
-    paths = _write_release(tmp_path, harmon, vae, golden_reference_config)
-    with pytest.raises(ValueError, match=r"missing tensor.*mar_decoder\.stack\.layers\.1\.mlp\.fc2\.bias"):
-        convert(*paths, output=tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    return reference
 
 
-def test_unknown_tensor_is_refused(tmp_path, golden_reference_config):
-    harmon, vae = random_release(golden_reference_config)
+def _add_unknown_vae_tensor(harmon, vae, reference):
     vae["encoder.extra_head.weight"] = torch.zeros(3)
-    paths = _write_release(tmp_path, harmon, vae, golden_reference_config)
-    with pytest.raises(ValueError, match=r"map to nothing.*encoder\.extra_head\.weight"):
-        convert(*paths, output=tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    return reference
 
 
-def test_config_contradicting_the_checkpoint_is_refused(tmp_path, golden_reference_config):
+def _contradict_head_width(harmon, vae, reference):
+    return variant(reference, mar__diffloss_w=96)
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (_drop_decoder_bias, r"missing tensor.*mar_decoder\.stack\.layers\.1\.mlp\.fc2\.bias"),
+        (_add_unknown_vae_tensor, r"map to nothing.*encoder\.extra_head\.weight"),
+        (_contradict_head_width, r"contradicts the checkpoint's shapes.*diffusion_head"),
+    ],
+)
+def test_mismatched_release_is_refused_before_writing(tmp_path, golden_reference_config, corrupt, message):
     harmon, vae = random_release(golden_reference_config)
-    contradicting = variant(golden_reference_config, mar__diffloss_w=96)
-    paths = _write_release(tmp_path, harmon, vae, contradicting)
-    with pytest.raises(ValueError, match=r"contradicts the checkpoint's shapes.*diffusion_head"):
-        convert(*paths, output=tmp_path / "out")
+    reference = corrupt(harmon, vae, golden_reference_config)
+    with pytest.raises(ValueError, match=message):
+        convert(*_write_release(tmp_path, harmon, vae, reference), output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
