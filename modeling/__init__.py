@@ -1,7 +1,9 @@
 """Harmon's model code. These files are self-contained so that they can sit in a Hub repository as remote code."""
 
 from .configuration_harmon import HarmonConfig
+from .image_processing_harmon import HarmonImageProcessor
 from .modeling_harmon import HarmonForConditionalGeneration, HarmonModel, HarmonPreTrainedModel
+from .processing_harmon import HarmonProcessor
 from .scheduling_harmon import HarmonDiffusionScheduler
 
 
@@ -9,6 +11,8 @@ __all__ = [
     "HarmonConfig",
     "HarmonDiffusionScheduler",
     "HarmonForConditionalGeneration",
+    "HarmonImageProcessor",
     "HarmonModel",
     "HarmonPreTrainedModel",
+    "HarmonProcessor",
 ]

@@ -32,6 +32,8 @@ MASK_RATIO_MEAN = 1.0
 MASK_RATIO_STD = 0.25
 # Pixel values farther than this outside [-1, 1] are taken for unnormalised input (e.g. 0..255).
 PIXEL_RANGE_TOLERANCE = 0.5
+# Upper bound on the diffusion head's precomputed modulations during sampling (elements; 64 MB in float32).
+MODULATION_BUFFER_ELEMENTS = 16 * 2**20
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,8 +199,9 @@ class HarmonDiffusionResBlock(GradientCheckpointingLayer):
         self.fc2 = nn.Linear(width, width)
         self.modulation = nn.Linear(width, 3 * width)
 
-    def forward(self, hidden_states: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
-        shift, scale, gate = self.modulation(F.silu(conditioning)).chunk(3, dim=-1)
+    def forward(self, hidden_states: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        """modulation: this block's `self.modulation(SiLU(conditioning))`, (n, 3 * width)."""
+        shift, scale, gate = modulation.chunk(3, dim=-1)
         update = self.fc2(F.silu(self.fc1(modulate(self.norm(hidden_states), shift, scale))))
         return hidden_states + gate * update
 
@@ -210,13 +213,17 @@ class HarmonDiffusionFinalLayer(nn.Module):
         self.modulation = nn.Linear(width, 2 * width)
         self.linear = nn.Linear(width, out_channels)
 
-    def forward(self, hidden_states: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.modulation(F.silu(conditioning)).chunk(2, dim=-1)
+    def forward(self, hidden_states: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        shift, scale = modulation.chunk(2, dim=-1)
         return self.linear(modulate(self.norm(hidden_states), shift, scale))
 
 
 class HarmonDiffusionHead(nn.Module):
-    """MAR's per-token denoiser (an MLP with adaptive LayerNorm): predicts [epsilon, v] for each noisy token."""
+    """MAR's per-token denoiser (an MLP with adaptive LayerNorm): predicts [epsilon, v] for each noisy token.
+
+    The adaptive-norm modulations depend on the timestep and the condition only, not on the noisy token, so a
+    sampler can compute them for many steps in one batch (`modulations`) and run only `denoise` per step.
+    """
 
     def __init__(self, config: HarmonConfig):
         super().__init__()
@@ -231,29 +238,54 @@ class HarmonDiffusionHead(nn.Module):
         )
         self.final_layer = HarmonDiffusionFinalLayer(width, 2 * config.latent_channels)
 
+    @property
+    def modulation_width(self) -> int:
+        return sum(block.modulation.out_features for block in self.res_blocks) + self.final_layer.modulation.out_features
+
+    def embed_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """timesteps (...) of the original process -> (..., width)."""
+        return self.time_embed(self.time_proj(timesteps.flatten()).to(self.input_proj.weight.dtype)).reshape(
+            *timesteps.shape, -1
+        )
+
+    def embed_conditions(self, condition: torch.Tensor) -> torch.Tensor:
+        return self.cond_embed(condition.to(self.input_proj.weight.dtype))
+
+    def modulations(self, conditioning: torch.Tensor) -> list[torch.Tensor]:
+        """conditioning (..., width) = time + condition embedding -> one modulation tensor per block and the final layer."""
+        activated = F.silu(conditioning)
+        return [block.modulation(activated) for block in self.res_blocks] + [self.final_layer.modulation(activated)]
+
+    def denoise(self, noisy: torch.Tensor, modulations: list[torch.Tensor]) -> torch.Tensor:
+        """noisy (n, c) -> (n, 2c) under precomputed modulations (each (n, k * width))."""
+        hidden_states = self.input_proj(noisy.to(self.input_proj.weight.dtype))
+        for block, modulation in zip(self.res_blocks, modulations):
+            hidden_states = block(hidden_states, modulation)
+        return self.final_layer(hidden_states, modulations[-1])
+
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """noisy (n, c), timesteps (n,) of the original process, condition (n, d_dec) -> (n, 2c)."""
-        dtype = self.input_proj.weight.dtype
-        hidden_states = self.input_proj(noisy.to(dtype))
-        conditioning = self.time_embed(self.time_proj(timesteps).to(dtype)) + self.cond_embed(condition.to(dtype))
-        for block in self.res_blocks:
-            hidden_states = block(hidden_states, conditioning)
-        return self.final_layer(hidden_states, conditioning)
+        conditioning = self.embed_timesteps(timesteps) + self.embed_conditions(condition)
+        return self.denoise(noisy, self.modulations(conditioning))
 
-    def forward_with_guidance(self, noisy, timesteps, condition, guidance_scale: float) -> torch.Tensor:
+    def denoise_with_guidance(self, noisy, modulations, guidance_scale: float) -> torch.Tensor:
         """Classifier-free guidance over a batch of conditional rows then unconditional rows.
 
         Both halves are evaluated on the conditional half's tokens; the guided epsilon is used for both halves while
         each keeps its own variance prediction.
         """
         if guidance_scale == 1.0:
-            return self(noisy, timesteps, condition)
+            return self.denoise(noisy, modulations)
         conditional = noisy[: len(noisy) // 2]
-        output = self(torch.cat([conditional, conditional]), timesteps, condition)
+        output = self.denoise(torch.cat([conditional, conditional]), modulations)
         epsilon, variance_value = output.split(self.latent_channels, dim=-1)
         epsilon_cond, epsilon_uncond = epsilon.chunk(2)
         guided = epsilon_uncond + guidance_scale * (epsilon_cond - epsilon_uncond)
         return torch.cat([torch.cat([guided, guided]), variance_value], dim=-1)
+
+    def forward_with_guidance(self, noisy, timesteps, condition, guidance_scale: float) -> torch.Tensor:
+        conditioning = self.embed_timesteps(timesteps) + self.embed_conditions(condition)
+        return self.denoise_with_guidance(noisy, self.modulations(conditioning), guidance_scale)
 
 
 class HarmonProjector(nn.Module):
@@ -293,6 +325,23 @@ def scale_gradient(tensor: torch.Tensor, scale: float) -> torch.Tensor:
     """Identity in the forward pass; multiplies the gradient by `scale` in the backward pass."""
     detached = tensor.detach()
     return detached + scale * (tensor - detached)
+
+
+@dataclass
+class HarmonGenerationState:
+    """Where a masked-autoregressive generation stands between rounds."""
+
+    prompt_cache: DynamicCache  # keys and values of the prompts, conditional rows then unconditional
+    prompt_attention_mask: torch.Tensor  # (rows, prompt_length)
+    grid_size: tuple[int, int]  # latent tokens per side (h, w)
+    tokens: torch.Tensor  # (b, h*w, c) generated or given tokens, zeros where still masked
+    mask: torch.Tensor  # (b, h*w) 1 = still to generate
+    orders: torch.Tensor  # (b, h*w) generation order of each image, masked positions first
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """(b, h, w, c)"""
+        return self.tokens.reshape(self.tokens.shape[0], *self.grid_size, -1)
 
 
 @dataclass
@@ -502,6 +551,7 @@ class HarmonModel(HarmonPreTrainedModel):
         return HarmonRoundOutput(encoded=encoded, conditions=self.mar_decoder(encoded, mask, grid_size))
 
     def make_sampling_scheduler(self, num_inference_steps: int | None = None) -> HarmonDiffusionScheduler:
+        """The reference sampler: the head's own process, respaced to `num_inference_steps`."""
         with torch.device("cpu"):
             scheduler = HarmonDiffusionScheduler.from_config(self.noise_scheduler.config)
             scheduler.set_timesteps(num_inference_steps or self.config.num_inference_steps)
@@ -511,7 +561,7 @@ class HarmonModel(HarmonPreTrainedModel):
     def sample_tokens(
         self,
         conditions: torch.Tensor,
-        scheduler: HarmonDiffusionScheduler,
+        scheduler=None,
         guidance_scale: float = 1.0,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
@@ -520,31 +570,52 @@ class HarmonModel(HarmonPreTrainedModel):
     ) -> torch.Tensor:
         """Sample one latent token per condition row with the diffusion head.
 
-        With guidance, `conditions` holds conditional rows then unconditional rows, and both halves start from the
-        same noise. `latents` (the start noise of the conditional half) and `step_noise` (num_steps, n, c) reproduce
-        a recorded run. Returns (n, c) in float32.
+        `scheduler` is a [`HarmonDiffusionScheduler`] with its timesteps set (the default: the reference's 100 steps)
+        or any diffusers scheduler with `set_timesteps` already called, which gets the predicted epsilon alone (for
+        example DPM-Solver++ for fewer steps; `temperature` applies to the Harmon scheduler only). With guidance,
+        `conditions` holds conditional rows then unconditional rows, and both halves start from the same noise.
+        `latents` (start noise of the conditional half) and `step_noise` (num_steps, n, c) reproduce a recorded run.
+        Returns (n, c) in float32.
         """
+        scheduler = scheduler if scheduler is not None else self.make_sampling_scheduler()
+        learned_variance = isinstance(scheduler, HarmonDiffusionScheduler)
         num_rows = conditions.shape[0]
         num_independent = num_rows // 2 if guidance_scale != 1.0 else num_rows
         if latents is None:
             latents = torch.randn(
-                (num_independent, self.config.latent_channels),
-                generator=generator,
-                device=conditions.device,
-                dtype=torch.float32,
-            )
+                (num_independent, self.config.latent_channels), generator=generator, dtype=torch.float32
+            ).to(conditions.device)
         sample = latents.float().repeat(num_rows // num_independent, 1)
-        for index, timestep in enumerate(scheduler.timesteps):
-            timesteps = timestep.expand(num_rows).to(conditions.device)
-            model_output = self.diffusion_head.forward_with_guidance(sample, timesteps, conditions, guidance_scale)
-            sample = scheduler.step(
-                model_output.float(),
-                timestep,
-                sample,
-                generator=generator,
-                variance_noise=None if step_noise is None else step_noise[index],
-                temperature=temperature,
-            ).prev_sample
+        if not learned_variance:
+            sample = sample * scheduler.init_noise_sigma
+
+        head = self.diffusion_head
+        condition_embedding = head.embed_conditions(conditions)  # computed once for all steps
+        timesteps = scheduler.timesteps
+        # Modulations of a chunk of steps in one batch: one pass over those weights instead of one per step.
+        steps_per_chunk = max(1, MODULATION_BUFFER_ELEMENTS // (num_rows * head.modulation_width))
+        for chunk_start in range(0, len(timesteps), steps_per_chunk):
+            chunk = timesteps[chunk_start : chunk_start + steps_per_chunk]
+            time_embedding = head.embed_timesteps(chunk.to(conditions.device))  # (steps, width)
+            modulations = head.modulations(time_embedding[:, None] + condition_embedding[None])  # (steps, n, k*width)
+            for offset, timestep in enumerate(chunk):
+                index = chunk_start + offset
+                model_input = sample if learned_variance else scheduler.scale_model_input(sample, timestep)
+                model_output = head.denoise_with_guidance(
+                    model_input, [modulation[offset] for modulation in modulations], guidance_scale
+                ).float()
+                if learned_variance:
+                    sample = scheduler.step(
+                        model_output,
+                        timestep,
+                        sample,
+                        generator=generator,
+                        variance_noise=None if step_noise is None else step_noise[index],
+                        temperature=temperature,
+                    ).prev_sample
+                else:
+                    epsilon = model_output[:, : self.config.latent_channels]
+                    sample = scheduler.step(epsilon, timestep, sample, generator=generator).prev_sample
         return sample
 
     # -- training losses --------------------------------------------------------------------------------------------
@@ -692,6 +763,91 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         return self(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, labels=labels).loss
 
     @torch.no_grad()
+    def prepare_image_generation(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        height: int | None = None,
+        width: int | None = None,
+        guidance_scale: float = 3.0,
+        generator: torch.Generator | None = None,
+        image_latents: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> HarmonGenerationState:
+        """Check the request, cache the prompts and draw the generation orders."""
+        height = height or self.config.image_size
+        width = width or self.config.image_size
+        stride = self.config.vae_stride
+        if height <= 0 or width <= 0 or height % stride or width % stride:
+            raise ValueError(f"height and width must be positive multiples of {stride}, got {height}x{width}")
+        num_prompts = input_ids.shape[0]
+        if guidance_scale != 1.0 and num_prompts % 2:
+            raise ValueError(f"guidance needs conditional and unconditional prompts in equal numbers, got {num_prompts}")
+        batch = num_prompts // 2 if guidance_scale != 1.0 else num_prompts
+        grid_size = (height // stride, width // stride)
+        num_tokens = grid_size[0] * grid_size[1]
+        device = self.lm_head.weight.device
+        attention_mask = attention_mask.to(device)
+
+        if image_latents is None:
+            tokens = torch.zeros(batch, num_tokens, self.config.latent_channels, device=device)
+            mask = torch.ones(batch, num_tokens, device=device)
+        else:
+            if tuple(image_latents.shape[:3]) != (batch, *grid_size) or mask is None:
+                raise ValueError(
+                    f"image_latents must have shape ({batch}, {grid_size[0]}, {grid_size[1]}, c) for the requested "
+                    f"size and come with a mask, got {tuple(image_latents.shape)}"
+                )
+            mask = mask.reshape(batch, num_tokens).to(device=device, dtype=torch.float32)
+            if len(set(mask.sum(dim=1).tolist())) != 1 or mask.sum() == 0:
+                raise ValueError("every image's mask must cover the same, non-zero number of tokens")
+            tokens = image_latents.reshape(batch, num_tokens, -1).to(device=device, dtype=torch.float32)
+            tokens = tokens * (1 - mask[..., None])
+        # Masked positions come first in every random order, so only they are generated.
+        scores = torch.rand(batch, num_tokens, generator=generator).to(device)
+        orders = torch.argsort(scores - 2.0 * mask, dim=1)
+        return HarmonGenerationState(
+            prompt_cache=self.model.prefill_prompt(input_ids.to(device), attention_mask),
+            prompt_attention_mask=attention_mask,
+            grid_size=grid_size,
+            tokens=tokens,
+            mask=mask,
+            orders=orders,
+        )
+
+    @torch.no_grad()
+    def generation_round(
+        self,
+        state: HarmonGenerationState,
+        round_index: int,
+        num_iter: int,
+        guidance_scale: float = 3.0,
+        guidance_schedule: str = "constant",
+        temperature: float = 1.0,
+        scheduler=None,
+        generator: torch.Generator | None = None,
+    ) -> HarmonGenerationState:
+        """Round `round_index` of `num_iter`: predict conditions for every token, sample the tokens whose turn it is."""
+        if guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+        batch, num_tokens = state.mask.shape
+        num_masked_now = int(state.mask[0].sum())
+        num_masked_next = num_masked_after_round(round_index, num_iter, num_tokens, num_masked_now)
+        mask_next = torch.zeros_like(state.mask).scatter_(1, state.orders[:, :num_masked_next], 1.0)
+        tokens_to_predict = (state.mask - mask_next).bool()
+        if tokens_to_predict.any():
+            round_output = self.model.run_round(
+                state.tokens, state.mask, state.grid_size, state.prompt_cache, state.prompt_attention_mask
+            )
+            conditions = round_output.conditions.reshape(-1, batch, num_tokens, round_output.conditions.shape[-1])
+            selected = conditions[:, tokens_to_predict].flatten(0, 1)  # conditional rows, then unconditional
+            round_guidance = guidance_scale_at(guidance_scale, guidance_schedule, num_masked_next, num_tokens)
+            sampled = self.model.sample_tokens(selected, scheduler, round_guidance, temperature, generator)
+            state.tokens[tokens_to_predict] = sampled[: int(tokens_to_predict.sum())].to(state.tokens.dtype)
+        state.mask = mask_next
+        return state
+
+    @torch.no_grad()
     def generate_images(
         self,
         input_ids: torch.LongTensor,
@@ -707,80 +863,26 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         image_latents: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         output_type: str = "pt",
-        callback=None,
     ) -> torch.Tensor:
-        """Masked-autoregressive text-to-image generation.
+        """Masked-autoregressive text-to-image generation with the bare model.
 
-        `input_ids`/`attention_mask` hold the right-padded prompts in Harmon's template; with guidance
-        (`guidance_scale != 1`) the first half are the conditional prompts and the second half the unconditional
-        ones. `image_latents` (b, h, w, c) with `mask` (b, h*w, 1 = to generate) regenerates only the masked tokens.
-        `callback(round_index, tokens)` is called after each round. Returns pixels (b, 3, H, W) in [-1, 1], or the
+        `input_ids`/`attention_mask` hold the right-padded prompts in Harmon's template (see
+        `HarmonProcessor.generation_inputs`); with guidance (`guidance_scale != 1`) the first half are the conditional
+        prompts and the second half the unconditional ones. `image_latents` (b, h, w, c) with `mask` (b, h*w,
+        1 = generate) regenerates only the masked tokens. Returns pixels (b, 3, H, W), nominally in [-1, 1], or the
         latents (b, h, w, c) with `output_type="latent"`.
         """
-        height = height or self.config.image_size
-        width = width or self.config.image_size
-        stride = self.config.vae_stride
-        if height % stride or width % stride:
-            raise ValueError(f"height and width must be multiples of {stride}, got {height}x{width}")
         if num_iter < 1:
             raise ValueError(f"num_iter must be at least 1, got {num_iter}")
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
-        grid_size = (height // stride, width // stride)
-        num_tokens = grid_size[0] * grid_size[1]
-        num_prompts = input_ids.shape[0]
-        if guidance_scale != 1.0 and num_prompts % 2:
-            raise ValueError(f"guidance needs conditional and unconditional prompts in equal numbers, got {num_prompts}")
-        batch = num_prompts // 2 if guidance_scale != 1.0 else num_prompts
-        device = self.lm_head.weight.device
-
-        prompt_cache = self.model.prefill_prompt(input_ids.to(device), attention_mask.to(device))
+        state = self.prepare_image_generation(
+            input_ids, attention_mask, height, width, guidance_scale, generator, image_latents, mask
+        )
         scheduler = self.model.make_sampling_scheduler(num_inference_steps)
-        tokens, mask, orders = self.prepare_generation_state(batch, grid_size, image_latents, mask, generator, device)
-
         for round_index in range(num_iter):
-            num_masked_now = int(mask[0].sum())
-            num_masked_next = num_masked_after_round(round_index, num_iter, num_tokens, num_masked_now)
-            mask_next = torch.zeros_like(mask).scatter_(1, orders[:, :num_masked_next], 1.0)
-            tokens_to_predict = (mask - mask_next).bool()
-            if tokens_to_predict.any():
-                conditions = self.model.run_round(tokens, mask, grid_size, prompt_cache, attention_mask.to(device))
-                conditions = conditions.conditions.reshape(num_prompts // batch, batch, num_tokens, -1)
-                selected = conditions[:, tokens_to_predict].flatten(0, 1)  # conditional rows, then unconditional
-                round_guidance = guidance_scale_at(guidance_scale, guidance_schedule, num_masked_next, num_tokens)
-                sampled = self.model.sample_tokens(selected, scheduler, round_guidance, temperature, generator)
-                tokens[tokens_to_predict] = sampled[: int(tokens_to_predict.sum())].to(tokens.dtype)
-            mask = mask_next
-            if callback is not None:
-                callback(round_index, tokens)
-
-        latents = tokens.reshape(batch, grid_size[0], grid_size[1], -1)
-        if output_type == "latent":
-            return latents
-        return self.decode_latents(latents)
-
-    def prepare_generation_state(self, batch, grid_size, image_latents, mask, generator, device):
-        """Initial tokens (b, L, c), mask (b, L) and per-image random orders (b, L) with masked positions first."""
-        num_tokens = grid_size[0] * grid_size[1]
-        channels = self.config.latent_channels
-        if image_latents is None:
-            tokens = torch.zeros(batch, num_tokens, channels, device=device)
-            mask = torch.ones(batch, num_tokens, device=device)
-        else:
-            if image_latents.shape[1:3] != grid_size or mask is None:
-                raise ValueError(
-                    f"image_latents must have the grid {grid_size} of the requested size and come with a mask, "
-                    f"got latents {tuple(image_latents.shape)}"
-                )
-            mask = mask.reshape(batch, num_tokens).to(device=device, dtype=torch.float32)
-            if len(set(mask.sum(dim=1).tolist())) != 1 or mask.sum() == 0:
-                raise ValueError("every image's mask must cover the same, non-zero number of tokens")
-            tokens = image_latents.reshape(batch, num_tokens, channels).to(device=device, dtype=torch.float32) * (1 - mask[..., None])
-        scores = torch.rand(batch, num_tokens, generator=generator).to(device)
-        # Masked positions come first in every order (random among themselves), so they are generated and the
-        # given tokens are never overwritten.
-        orders = torch.argsort(scores - 2.0 * mask, dim=1)
-        return tokens, mask, orders
+            self.generation_round(
+                state, round_index, num_iter, guidance_scale, guidance_schedule, temperature, scheduler, generator
+            )
+        return state.latents if output_type == "latent" else self.decode_latents(state.latents)
 
 
 __all__ = ["HarmonForConditionalGeneration", "HarmonModel", "HarmonPreTrainedModel"]

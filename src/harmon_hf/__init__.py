@@ -1,22 +1,35 @@
 """harmon-hf: Harmon (unified multimodal understanding and generation) for the Hugging Face ecosystem."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoProcessor
 
 from .modeling import (
     HarmonConfig,
     HarmonDiffusionScheduler,
     HarmonForConditionalGeneration,
+    HarmonImageProcessor,
     HarmonModel,
     HarmonPreTrainedModel,
+    HarmonProcessor,
 )
 
 
 AutoConfig.register(HarmonConfig.model_type, HarmonConfig, exist_ok=True)
 AutoModel.register(HarmonConfig, HarmonForConditionalGeneration, exist_ok=True)
 AutoModelForCausalLM.register(HarmonConfig, HarmonForConditionalGeneration, exist_ok=True)
+AutoImageProcessor.register(HarmonConfig, slow_image_processor_class=HarmonImageProcessor, exist_ok=True)
+AutoProcessor.register(HarmonConfig, HarmonProcessor, exist_ok=True)
 # Saved folders carry the modeling files and load with `trust_remote_code=True` where harmon_hf is not installed.
 HarmonConfig.register_for_auto_class()
 HarmonForConditionalGeneration.register_for_auto_class("AutoModel")
+HarmonImageProcessor.register_for_auto_class("AutoImageProcessor")
+HarmonProcessor.register_for_auto_class("AutoProcessor")
+
+
+def processor_for(config: HarmonConfig, tokenizer) -> HarmonProcessor:
+    """The processor matching a model's configuration, around a tokenizer that knows `<image>`."""
+    image_processor = HarmonImageProcessor(image_size=config.image_size, vae_stride=config.vae_stride)
+    return HarmonProcessor(image_processor=image_processor, tokenizer=tokenizer, num_buffer_tokens=config.buffer_size)
+
 
 __version__ = "0.1.0"
 
@@ -24,6 +37,9 @@ __all__ = [
     "HarmonConfig",
     "HarmonDiffusionScheduler",
     "HarmonForConditionalGeneration",
+    "HarmonImageProcessor",
     "HarmonModel",
     "HarmonPreTrainedModel",
+    "HarmonProcessor",
+    "processor_for",
 ]

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 
+from . import processor_for
 from .modeling import HarmonConfig, HarmonForConditionalGeneration
 
 
@@ -249,5 +250,5 @@ def convert(
     if output is not None:
         model.save_pretrained(output, max_shard_size=max_shard_size)
         if loaded_tokenizer is not None:
-            loaded_tokenizer.save_pretrained(output)
+            processor_for(config, loaded_tokenizer).save_pretrained(output)
     return model
