@@ -578,6 +578,8 @@ class HarmonModel(HarmonPreTrainedModel):
         Returns (n, c) in float32.
         """
         scheduler = scheduler if scheduler is not None else self.make_sampling_scheduler()
+        # Every call samples a fresh set of tokens: restart the scheduler (multistep solvers keep a history).
+        scheduler.set_timesteps(scheduler.num_inference_steps)
         learned_variance = isinstance(scheduler, HarmonDiffusionScheduler)
         num_rows = conditions.shape[0]
         num_independent = num_rows // 2 if guidance_scale != 1.0 else num_rows

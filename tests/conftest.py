@@ -52,3 +52,25 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float 
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     error = ((actual.float() - expected.float()).abs() / expected.float().abs().clamp(min=1.0)).max().item()
     assert error <= tolerance, f"{name}: scaled error {error:.3g} > {tolerance}"
+
+
+@pytest.fixture(scope="session")
+def harmon_folder(tmp_path_factory) -> Path:
+    """The golden tiny model with a tiny tokenizer made here: model, processor and remote code in one folder."""
+    from harmon_hf.convert import convert
+    from tiny_tokenizer import make_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("harmon-with-processor")
+    make_tiny_tokenizer().save_pretrained(root / "tokenizer")
+    convert(GOLDEN / "harmon_tiny.pth", GOLDEN / "kl_tiny.ckpt", GOLDEN / "config.json",
+            output=root / "model", tokenizer=str(root / "tokenizer"))
+    return root / "model"
+
+
+@pytest.fixture(scope="session")
+def pipe(harmon_folder):
+    from harmon_hf import HarmonPipeline
+
+    pipeline = HarmonPipeline.from_pretrained(harmon_folder)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -1,5 +1,7 @@
 """harmon-hf: Harmon (unified multimodal understanding and generation) for the Hugging Face ecosystem."""
 
+from pathlib import Path
+
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoProcessor
 
 from .modeling import (
@@ -25,11 +27,21 @@ HarmonImageProcessor.register_for_auto_class("AutoImageProcessor")
 HarmonProcessor.register_for_auto_class("AutoProcessor")
 
 
+# The small model trained by this project's own recipe, shipped inside the package once it exists.
+BUNDLED_MODEL = Path(__file__).parent / "models" / "harmon-shapes"
+
+
+def bundled_model_path() -> Path | None:
+    return BUNDLED_MODEL if (BUNDLED_MODEL / "config.json").is_file() else None
+
+
 def processor_for(config: HarmonConfig, tokenizer) -> HarmonProcessor:
     """The processor matching a model's configuration, around a tokenizer that knows `<image>`."""
     image_processor = HarmonImageProcessor(image_size=config.image_size, vae_stride=config.vae_stride)
     return HarmonProcessor(image_processor=image_processor, tokenizer=tokenizer, num_buffer_tokens=config.buffer_size)
 
+
+from .pipeline_harmon import HarmonPipeline, HarmonPipelineOutput  # noqa: E402  (needs the registrations above)
 
 __version__ = "0.1.0"
 
@@ -39,6 +51,8 @@ __all__ = [
     "HarmonForConditionalGeneration",
     "HarmonImageProcessor",
     "HarmonModel",
+    "HarmonPipeline",
+    "HarmonPipelineOutput",
     "HarmonPreTrainedModel",
     "HarmonProcessor",
     "processor_for",

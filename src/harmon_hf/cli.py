@@ -1,26 +1,313 @@
-"""The `harmon` command."""
+"""The `harmon` command: generate, describe, chat, inpaint and convert."""
 
 import argparse
+import json
+import os
 import sys
+import threading
+from pathlib import Path
 
 
-def _convert(args: argparse.Namespace) -> None:
+MODEL_ENVIRONMENT_VARIABLE = "HARMON_MODEL"
+
+
+class CommandError(Exception):
+    """A problem with the user's input, reported as one line."""
+
+
+# -- loading --------------------------------------------------------------------------------------------------------
+
+
+def default_model() -> str:
+    """The model to use when --model is not given: $HARMON_MODEL, else the bundled model if it is installed."""
+    from . import bundled_model_path
+
+    if os.environ.get(MODEL_ENVIRONMENT_VARIABLE):
+        return os.environ[MODEL_ENVIRONMENT_VARIABLE]
+    bundled = bundled_model_path()
+    if bundled is None:
+        raise CommandError(f"no model given: pass --model PATH_OR_HUB_ID or set {MODEL_ENVIRONMENT_VARIABLE}")
+    return str(bundled)
+
+
+def load_pipeline(name: str | None):
+    import torch
+
+    from . import HarmonPipeline
+
+    name = name or default_model()
+    try:
+        pipeline = HarmonPipeline.from_pretrained(name, torch_dtype=torch.float32)
+    except Exception as error:  # any failure to resolve or read a model is the user's model argument
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CommandError(f"cannot load model {name!r}: {first_line}") from error
+    if torch.cuda.is_available():
+        pipeline.to("cuda")
+    return pipeline
+
+
+def open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise CommandError(f"no such file: {path}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise CommandError(f"not an image: {path} ({error})") from error
+
+
+def parse_size(text: str | None) -> tuple[int | None, int | None]:
+    """'512' or 'HxW' (e.g. 256x384) -> (height, width)."""
+    if text is None:
+        return None, None
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(part.isdigit() for part in parts):
+        raise CommandError(f"--size must be N or HxW in pixels, got {text!r}")
+    height, width = int(parts[0]), int(parts[-1])
+    return height, width
+
+
+def atomic_save(image, path: Path):
+    """Write the PNG under a temporary name first, so an interrupted run never leaves a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".partial")
+    image.save(temporary, format="PNG")
+    os.replace(temporary, path)
+
+
+# -- generate -------------------------------------------------------------------------------------------------------
+
+
+def _generator(seed: int):
+    """Seeds drive a CPU generator, so an image does not depend on the device it was made on."""
+    import torch
+
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _generation_kwargs(args) -> dict:
+    height, width = parse_size(args.size)
+    return dict(
+        height=height,
+        width=width,
+        num_iter=args.rounds,
+        guidance_scale=args.guidance,
+        num_inference_steps=args.steps,
+        temperature=args.temperature,
+        num_images_per_prompt=args.n,
+    )
+
+
+def _output_paths(output: str, count: int) -> list[Path]:
+    path = Path(output)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{index}{path.suffix}") for index in range(count)]
+
+
+def _generate(args):
+    if (args.prompt is None) == (args.prompts is None):
+        raise CommandError("give either a PROMPT or --prompts FILE.jsonl")
+    if args.prompts is not None:
+        return _generate_batch(args)
+    pipeline = load_pipeline(args.model)
+    images = pipeline(args.prompt, generator=_generator(args.seed), **_generation_kwargs(args)).images
+    for image, path in zip(images, _output_paths(args.output, len(images))):
+        atomic_save(image, path)
+        print(f"wrote {path} ({image.width}x{image.height})")
+
+
+def read_prompts(path: str) -> list[dict]:
+    if not Path(path).is_file():
+        raise CommandError(f"no such file: {path}")
+    entries = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise CommandError(f"{path}:{number}: not JSON ({error.msg})") from error
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+            raise CommandError(f'{path}:{number}: each line must be an object with a "prompt" string')
+        entries.append(entry)
+    return entries
+
+
+def _generate_batch(args):
+    """GenEval's layout: OUTDIR/<index:05d>/metadata.jsonl and OUTDIR/<index:05d>/samples/<n:04d>.png.
+
+    Prompt i uses seed `--seed + i`, so the images do not depend on how the prompts are split between processes
+    (`accelerate launch -m harmon_hf.cli generate --prompts ...` shards them); finished prompts are skipped.
+    """
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    entries = read_prompts(args.prompts)
+    state = PartialState()
+    outdir = Path(args.outdir)
+    mine = [index for index in range(len(entries)) if index % state.num_processes == state.process_index]
+    todo = [index for index in mine if not all(path.is_file() for path in _sample_paths(outdir, index, args.n))]
+    if not todo:
+        print(f"all {len(mine)} prompts of this process are already done in {outdir}")
+        return
+    pipeline = load_pipeline(args.model)
+    pipeline.to(state.device)
+    pipeline.set_progress_bar_config(disable=True)
+    kwargs = _generation_kwargs(args)
+    for index in tqdm(todo, desc=f"prompts (process {state.process_index})", disable=not state.is_local_main_process):
+        folder = outdir / f"{index:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metadata.jsonl").write_text(json.dumps(entries[index]) + "\n")
+        images = pipeline(entries[index]["prompt"], generator=_generator(args.seed + index), **kwargs).images
+        for image, path in zip(images, _sample_paths(outdir, index, args.n)):
+            atomic_save(image, path)
+    state.wait_for_everyone()
+
+
+def _sample_paths(outdir: Path, index: int, count: int) -> list[Path]:
+    return [outdir / f"{index:05d}" / "samples" / f"{sample:04d}.png" for sample in range(count)]
+
+
+# -- understanding --------------------------------------------------------------------------------------------------
+
+
+def stream_answer(pipeline, messages, images, max_new_tokens: int) -> str:
+    """Generate the assistant's answer to `messages`, printing it token by token; returns the full answer."""
+    from transformers import TextIteratorStreamer
+
+    processor, model = pipeline.processor, pipeline.model
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=text, images=images).to(model.device)
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stop_ids = processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    thread = threading.Thread(
+        target=model.generate,
+        kwargs=dict(**inputs, streamer=streamer, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids),
+    )
+    thread.start()
+    pieces = []
+    for piece in streamer:
+        pieces.append(piece)
+        print(piece, end="", flush=True)
+    thread.join()
+    print()
+    return "".join(pieces).strip()
+
+
+def image_question(question: str) -> dict:
+    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+
+
+def _describe(args):
+    image = open_image(args.image)
+    pipeline = load_pipeline(args.model)
+    stream_answer(pipeline, [image_question(args.question)], [image], args.max_new_tokens)
+
+
+def _chat(args):
+    image = open_image(args.image)
+    pipeline = load_pipeline(args.model)
+    messages = []
+    print("Ask about the image; an empty line, 'exit' or Ctrl-D ends the chat.")
+    while True:
+        try:
+            question = input("you> ").strip()
+        except EOFError:
+            break
+        if question in ("", "exit", "quit"):
+            break
+        messages.append(image_question(question) if not messages else {"role": "user", "content": question})
+        print("harmon> ", end="", flush=True)
+        answer = stream_answer(pipeline, messages, [image], args.max_new_tokens)
+        messages.append({"role": "assistant", "content": answer})
+
+
+def _inpaint(args):
+    image, mask = open_image(args.image), open_image(args.mask)
+    if image.size != mask.size:
+        raise CommandError(f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}")
+    pipeline = load_pipeline(args.model)
+    kwargs = _generation_kwargs(args)
+    kwargs["height"] = kwargs["height"] or image.height
+    kwargs["width"] = kwargs["width"] or image.width
+    images = pipeline(args.prompt, image=image, mask_image=mask, generator=_generator(args.seed),
+                      **kwargs).images
+    for result, path in zip(images, _output_paths(args.output, len(images))):
+        atomic_save(result, path)
+        print(f"wrote {path} ({result.width}x{result.height})")
+
+
+def _convert(args):
     from .convert import convert
 
-    convert(
-        checkpoint=args.checkpoint,
-        vae=args.vae,
-        config=args.config,
-        output=args.output,
-        tokenizer=args.tokenizer,
-        dtype=args.dtype,
-    )
+    for path in (args.checkpoint, args.vae):
+        if not Path(path).is_file():
+            raise CommandError(f"no such file: {path}")
+    convert(checkpoint=args.checkpoint, vae=args.vae, config=args.config, output=args.output,
+            tokenizer=args.tokenizer, dtype=args.dtype)
     print(f"Saved the converted model to {args.output}")
+
+
+# -- parser ---------------------------------------------------------------------------------------------------------
+
+
+def _add_model_argument(parser):
+    parser.add_argument("--model", help=f"model folder or Hub id (default: ${MODEL_ENVIRONMENT_VARIABLE}, else the "
+                                        "bundled model)")
+
+
+def _add_sampling_arguments(parser):
+    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same image (0)")
+    parser.add_argument("--size", help="image size in pixels, N or HxW, multiples of 16 (the model's default)")
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (3.0)")
+    parser.add_argument("--rounds", type=int, default=64, help="masked-autoregressive rounds (64)")
+    parser.add_argument("--steps", type=int, default=100, help="diffusion steps per round (100)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="diffusion sampling temperature (1.0)")
+    parser.add_argument("--n", type=int, default=1, help="images per prompt (1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harmon", description="Harmon: unified image understanding and generation.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = commands.add_parser("generate", help="generate images from text",
+                                   description="Generate an image from PROMPT, or one folder per line of a prompts "
+                                               "file in GenEval's layout.")
+    generate.add_argument("prompt", nargs="?", help="the text to draw")
+    generate.add_argument("-o", "--output", default="harmon.png", help="PNG to write (harmon.png; -N suffixes for --n)")
+    generate.add_argument("--prompts", help='JSON-lines file, one {"prompt": ...} object (plus any metadata) per line')
+    generate.add_argument("--outdir", default="harmon-samples", help="output folder for --prompts (harmon-samples)")
+    _add_model_argument(generate)
+    _add_sampling_arguments(generate)
+    generate.set_defaults(run=_generate)
+
+    describe = commands.add_parser("describe", help="answer a question about an image (streamed)",
+                                   description="Answer QUESTION about IMAGE, printing the answer as it is generated.")
+    describe.add_argument("image", help="image file")
+    describe.add_argument("question", nargs="?", default="Describe this image.", help="the question")
+    describe.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (256)")
+    _add_model_argument(describe)
+    describe.set_defaults(run=_describe)
+
+    chat = commands.add_parser("chat", help="talk about an image, several turns",
+                               description="Interactive multi-turn chat about IMAGE.")
+    chat.add_argument("image", help="image file")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (256)")
+    _add_model_argument(chat)
+    chat.set_defaults(run=_chat)
+
+    inpaint = commands.add_parser("inpaint", help="regenerate the masked part of an image",
+                                  description="Regenerate the white part of MASK in IMAGE from PROMPT.")
+    inpaint.add_argument("image", help="image file")
+    inpaint.add_argument("mask", help="mask image of the same size: white = regenerate")
+    inpaint.add_argument("prompt", help="the text to draw")
+    inpaint.add_argument("-o", "--output", default="harmon-inpainted.png", help="PNG to write")
+    _add_model_argument(inpaint)
+    _add_sampling_arguments(inpaint)
+    inpaint.set_defaults(run=_inpaint)
 
     convert = commands.add_parser(
         "convert",
@@ -30,13 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--checkpoint", required=True, help="harmon_0.5b.pth, harmon_1.5b.pth or harmon_1.5b-o.pth")
     convert.add_argument("--vae", required=True, help="kl16.ckpt")
-    convert.add_argument(
-        "--config", required=True, help="0.5b, 1.5b, or a JSON file of the reference's constructor arguments"
-    )
-    convert.add_argument(
-        "--tokenizer",
-        help="a Qwen2.5-Instruct tokenizer (folder or Hub id): <image> is added and saved beside the model",
-    )
+    convert.add_argument("--config", required=True,
+                         help="0.5b, 1.5b, or a JSON file of the reference's constructor arguments")
+    convert.add_argument("--tokenizer", help="a Qwen2.5-Instruct tokenizer (folder or Hub id): <image> is added and "
+                                             "the processor is saved beside the model")
     convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
     convert.add_argument("--output", required=True, help="folder to write the model to")
     convert.set_defaults(run=_convert)
@@ -47,9 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, OSError) as error:
+    except (CommandError, ValueError) as error:
         print(f"harmon {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"harmon {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,0 +1,223 @@
+"""HarmonPipeline: text-to-image generation and inpainting with Harmon, in diffusers' conventions."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+import diffusers
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from transformers import AutoModel, AutoProcessor
+
+from .modeling import HarmonDiffusionScheduler, HarmonForConditionalGeneration, HarmonProcessor
+from .modeling.modeling_harmon import GUIDANCE_SCHEDULES
+
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class HarmonPipelineOutput(BaseOutput):
+    """`images`: PIL images, a uint8 array (b, H, W, 3), a uint8 tensor (b, 3, H, W), or latents (b, h, w, c)."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+class HarmonPipeline(DiffusionPipeline):
+    r"""
+    Text-to-image generation with Harmon: `num_iter` masked-autoregressive rounds, each sampling its tokens with the
+    diffusion head under `scheduler` (by default the reference's 100-step process; any diffusers scheduler with
+    epsilon prediction can take its place, e.g. `DPMSolverMultistepScheduler` for fewer steps).
+
+    Loads from the same folder or Hub repository as the model: `HarmonPipeline.from_pretrained("path/or/hub-id")`.
+    """
+
+    model_cpu_offload_seq = "model"
+    _callback_tensor_inputs = ["tokens"]
+
+    def __init__(self, model: HarmonForConditionalGeneration, processor: HarmonProcessor, scheduler=None):
+        super().__init__()
+        if scheduler is None:
+            scheduler = HarmonDiffusionScheduler.from_config(model.model.noise_scheduler.config)
+        self.register_modules(model=model, processor=processor, scheduler=scheduler)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None, trust_remote_code=False, **kwargs):
+        """Model and processor from one model folder or Hub repository; its `scheduler/` subfolder if it has one."""
+        model = AutoModel.from_pretrained(
+            pretrained_model_name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
+        )
+        processor = AutoProcessor.from_pretrained(pretrained_model_name_or_path, trust_remote_code=trust_remote_code)
+        scheduler = None
+        if (Path(pretrained_model_name_or_path) / "scheduler").is_dir():
+            config = HarmonDiffusionScheduler.load_config(pretrained_model_name_or_path, subfolder="scheduler")
+            name = config["_class_name"]
+            scheduler_class = HarmonDiffusionScheduler if name == HarmonDiffusionScheduler.__name__ else getattr(diffusers, name)
+            scheduler = scheduler_class.from_config(config)
+        return cls(model=model.eval(), processor=processor, scheduler=scheduler)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """One folder that loads with both `AutoModel` and `HarmonPipeline`."""
+        self.model.save_pretrained(save_directory, **kwargs)
+        self.processor.save_pretrained(save_directory)
+        self.scheduler.save_pretrained(Path(save_directory) / "scheduler")
+
+    @property
+    def interrupt(self) -> bool:
+        return getattr(self, "_interrupt", False)
+
+    def check_inputs(self, prompt, negative_prompt, height, width, num_iter, guidance_schedule, num_inference_steps,
+                     num_images_per_prompt, output_type, image, mask_image, callback_on_step_end_tensor_inputs):
+        if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
+            raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("prompt must not be an empty list")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            if len(negative_prompt) != (1 if isinstance(prompt, str) else len(prompt)):
+                raise ValueError("negative_prompt must be one string or one per prompt")
+        stride = self.model.config.vae_stride
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % stride:
+                raise ValueError(f"{name} must be a positive multiple of {stride}, got {value}")
+        for name, value in (("num_iter", num_iter), ("num_inference_steps", num_inference_steps),
+                            ("num_images_per_prompt", num_images_per_prompt)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if (image is None) != (mask_image is None):
+            raise ValueError("inpainting needs both image and mask_image")
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, got {unknown}")
+        config = self.scheduler.config
+        if not isinstance(self.scheduler, HarmonDiffusionScheduler) and config.get("variance_type") in ("learned", "learned_range"):
+            raise ValueError(
+                f"{type(self.scheduler).__name__} would cut the head's output to 3 channels for its learned variance; "
+                "create it with variance_type=None, e.g. DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, "
+                "variance_type=None)"
+            )
+
+    def encode_prompt(self, prompt, negative_prompt, num_images_per_prompt, guidance_scale):
+        """Token ids of the conditional prompts, then (with guidance) of the unconditional ones."""
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            negative_prompt = [n for n in negative_prompt for _ in range(num_images_per_prompt)]
+        inputs = self.processor.generation_inputs(prompts, negative_prompt)
+        if guidance_scale == 1.0:
+            return inputs["input_ids"][: len(prompts)], inputs["attention_mask"][: len(prompts)]
+        return inputs["input_ids"], inputs["attention_mask"]
+
+    def prepare_inpainting(self, image, mask_image, height, width, batch):
+        """Latents of `image` resized to height x width, and the token mask: a token is regenerated when any pixel of
+        its patch is white (> 127) in `mask_image`."""
+        image = image.convert("RGB").resize((width, height), resample=self.processor.image_processor.resample)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+        latents = self.model.encode_images(pixels.to(self.device, self.model.dtype)).float()
+        stride = self.model.config.vae_stride
+        mask = np.asarray(mask_image.convert("L").resize((width, height), resample=PIL.Image.NEAREST)) > 127
+        mask = torch.from_numpy(mask).float()[None, None]
+        token_mask = torch.nn.functional.max_pool2d(mask, stride).flatten(1)  # (1, h*w)
+        if token_mask.sum() == 0:
+            raise ValueError("mask_image masks nothing: paint the region to regenerate in white")
+        return latents.expand(batch, -1, -1, -1), token_mask.expand(batch, -1)
+
+    @staticmethod
+    def prepare_outpainting(image: PIL.Image.Image, left=0, top=0, right=0, bottom=0):
+        """`image` on a larger canvas and the mask of the added border, for `pipe(prompt, image=..., mask_image=...)`."""
+        width, height = image.size
+        canvas = PIL.Image.new("RGB", (width + left + right, height + top + bottom), (127, 127, 127))
+        canvas.paste(image.convert("RGB"), (left, top))
+        mask = PIL.Image.new("L", canvas.size, 255)
+        mask.paste(0, (left, top, left + width, top + height))
+        return canvas, mask
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_iter: int = 64,
+        guidance_scale: float = 3.0,
+        guidance_schedule: str = "constant",
+        temperature: float = 1.0,
+        num_inference_steps: int = 100,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        image: PIL.Image.Image | None = None,
+        mask_image: PIL.Image.Image | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("tokens",),
+    ) -> HarmonPipelineOutput | tuple:
+        r"""
+        Generate images from `prompt`, or regenerate the white region of `mask_image` in `image` (inpainting;
+        outpainting with `prepare_outpainting`).
+
+        Args:
+            prompt: the text, or a list of texts.
+            negative_prompt: replaces Harmon's unconditional prompt "Generate an image." in guidance.
+            height, width: pixels, multiples of 16 (default: the model's image size, or `image`'s size).
+            num_iter: masked-autoregressive rounds (K).
+            guidance_scale: classifier-free guidance; 1.0 disables it.
+            guidance_schedule: "constant", or "linear" (growing with the share of generated tokens).
+            temperature: scales the noise of each diffusion step (Harmon's scheduler only).
+            num_inference_steps: diffusion steps per round.
+            num_images_per_prompt: images per prompt.
+            generator: a `torch.Generator`; the same seed gives the same images.
+            output_type: "pil", "np", "pt" (uint8) or "latent".
+            callback_on_step_end: `callback(pipe, round_index, num_masked, {"tokens": ...})` after each round; it
+                may return `{"tokens": ...}` to replace them. Set `pipe._interrupt = True` to stop early.
+        """
+        # 1. Check inputs
+        if image is not None:
+            width, height = width or image.width, height or image.height
+        height = height or self.model.config.image_size
+        width = width or self.model.config.image_size
+        self.check_inputs(prompt, negative_prompt, height, width, num_iter, guidance_schedule, num_inference_steps,
+                          num_images_per_prompt, output_type, image, mask_image, callback_on_step_end_tensor_inputs)
+        self._interrupt = False
+
+        # 2. Encode the prompt
+        input_ids, attention_mask = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, guidance_scale)
+        batch = input_ids.shape[0] // (2 if guidance_scale != 1.0 else 1)
+
+        # 3. Prepare the prompt cache, the tokens to keep (inpainting), the orders and the diffusion sampler
+        image_latents = token_mask = None
+        if image is not None:
+            image_latents, token_mask = self.prepare_inpainting(image, mask_image, height, width, batch)
+        state = self.model.prepare_image_generation(
+            input_ids, attention_mask, height, width, guidance_scale, generator, image_latents, token_mask
+        )
+        self.scheduler.set_timesteps(num_inference_steps)
+
+        # 4. Masked-autoregressive rounds
+        with self.progress_bar(total=num_iter) as progress_bar:
+            for round_index in range(num_iter):
+                if self.interrupt:
+                    break
+                self.model.generation_round(state, round_index, num_iter, guidance_scale, guidance_schedule,
+                                            temperature, self.scheduler, generator)
+                if callback_on_step_end is not None:
+                    tensors = {name: getattr(state, name) for name in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, round_index, int(state.mask[0].sum()), tensors)
+                    state.tokens = (outputs or {}).get("tokens", state.tokens)
+                progress_bar.update()
+
+        # 5. Decode
+        if output_type == "latent":
+            images = state.latents
+        else:
+            images = self.processor.image_processor.postprocess(self.model.decode_latents(state.latents), output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return HarmonPipelineOutput(images=images)
