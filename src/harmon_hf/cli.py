@@ -32,10 +32,12 @@ def default_model() -> str:
 
 def load_pipeline(name: str | None):
     import torch
+    from transformers.utils import logging as transformers_logging
 
     from . import HarmonPipeline
 
     name = name or default_model()
+    transformers_logging.disable_progress_bar()  # loading is quick; keep stderr for progress of real work and errors
     try:
         pipeline = HarmonPipeline.from_pretrained(name, torch_dtype=torch.float32)
     except Exception as error:  # any failure to resolve or read a model is the user's model argument
@@ -112,8 +114,9 @@ def _generate(args):
         raise CommandError("give either a PROMPT or --prompts FILE.jsonl")
     if args.prompts is not None:
         return _generate_batch(args)
+    kwargs = _generation_kwargs(args)
     pipeline = load_pipeline(args.model)
-    images = pipeline(args.prompt, generator=_generator(args.seed), **_generation_kwargs(args)).images
+    images = pipeline(args.prompt, generator=_generator(args.seed), **kwargs).images
     for image, path in zip(images, _output_paths(args.output, len(images))):
         atomic_save(image, path)
         print(f"wrote {path} ({image.width}x{image.height})")
@@ -140,13 +143,16 @@ def _generate_batch(args):
     """GenEval's layout: OUTDIR/<index:05d>/metadata.jsonl and OUTDIR/<index:05d>/samples/<n:04d>.png.
 
     Prompt i uses seed `--seed + i`, so the images do not depend on how the prompts are split between processes
-    (`accelerate launch -m harmon_hf.cli generate --prompts ...` shards them); finished prompts are skipped.
+    (`accelerate launch --multi_gpu --num_processes N -m harmon_hf.cli generate --prompts ...` shards them);
+    finished prompts are skipped.
     """
+    import torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
     entries = read_prompts(args.prompts)
-    state = PartialState()
+    kwargs = _generation_kwargs(args)
+    state = PartialState(cpu=not torch.cuda.is_available())  # without GPUs, processes still form a (gloo) group
     outdir = Path(args.outdir)
     mine = [index for index in range(len(entries)) if index % state.num_processes == state.process_index]
     todo = [index for index in mine if not all(path.is_file() for path in _sample_paths(outdir, index, args.n))]
@@ -156,7 +162,6 @@ def _generate_batch(args):
     pipeline = load_pipeline(args.model)
     pipeline.to(state.device)
     pipeline.set_progress_bar_config(disable=True)
-    kwargs = _generation_kwargs(args)
     for index in tqdm(todo, desc=f"prompts (process {state.process_index})", disable=not state.is_local_main_process):
         folder = outdir / f"{index:05d}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -229,8 +234,8 @@ def _inpaint(args):
     image, mask = open_image(args.image), open_image(args.mask)
     if image.size != mask.size:
         raise CommandError(f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}")
-    pipeline = load_pipeline(args.model)
     kwargs = _generation_kwargs(args)
+    pipeline = load_pipeline(args.model)
     kwargs["height"] = kwargs["height"] or image.height
     kwargs["width"] = kwargs["width"] or image.width
     images = pipeline(args.prompt, image=image, mask_image=mask, generator=_generator(args.seed),

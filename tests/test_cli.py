@@ -1,0 +1,131 @@
+"""The `harmon` command, run as users run it: a real subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+FAST = ["--rounds", "3", "--steps", "4"]
+
+
+def harmon(*args, stdin=None, env=None):
+    return subprocess.run([sys.executable, "-m", "harmon_hf.cli", *map(str, args)], capture_output=True, text=True,
+                          input=stdin, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def assert_one_line_error(result, fragment):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def test_generate_writes_a_png_of_the_asked_size(harmon_folder, tmp_path):
+    result = harmon("generate", "a red circle", "-o", tmp_path / "out.png", "--model", harmon_folder,
+                    "--size", "32x64", "--seed", "3", *FAST)
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "out.png") as image:
+        assert image.format == "PNG" and image.size == (64, 32)
+    again = harmon("generate", "a red circle", "-o", tmp_path / "again.png", "--size", "32x64", "--seed", "3", *FAST,
+                   env={"HARMON_MODEL": str(harmon_folder)})
+    assert again.returncode == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), np.asarray(Image.open(tmp_path / "again.png")))
+
+
+def test_describe_prints_text(harmon_folder, tmp_path):
+    Image.new("RGB", (50, 40), (255, 0, 0)).save(tmp_path / "red.png")
+    result = harmon("describe", tmp_path / "red.png", "What colour is it?", "--model", harmon_folder,
+                    "--max-new-tokens", "6")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() != ""
+
+
+def test_chat_answers_every_turn(harmon_folder, tmp_path):
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(tmp_path / "blue.png")
+    result = harmon("chat", tmp_path / "blue.png", "--model", harmon_folder, "--max-new-tokens", "4",
+                    stdin="What colour?\nAnd the shape?\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("harmon> ") == 2
+
+
+def test_inpaint_writes_the_image(harmon_folder, tmp_path):
+    Image.new("RGB", (64, 48), (0, 200, 0)).save(tmp_path / "image.png")
+    mask = Image.new("L", (64, 48), 0)
+    mask.paste(255, (0, 0, 20, 20))
+    mask.save(tmp_path / "mask.png")
+    result = harmon("inpaint", tmp_path / "image.png", tmp_path / "mask.png", "a red square", "-o",
+                    tmp_path / "out.png", "--model", harmon_folder, *FAST)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "out.png").size == (64, 48)
+
+
+def _prompts_file(tmp_path):
+    entries = [{"prompt": "a red circle", "tag": "single_object", "include": [{"class": "circle", "count": 1}]},
+               {"prompt": "two blue squares", "tag": "counting"}, {"prompt": "a green triangle", "tag": "colors"}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    return path, entries
+
+
+def _images(outdir, count):
+    return [np.asarray(Image.open(outdir / f"{index:05d}" / "samples" / "0000.png")) for index in range(count)]
+
+
+def test_prompts_file_in_geneval_layout_resumes_and_shards(harmon_folder, tmp_path):
+    prompts, entries = _prompts_file(tmp_path)
+    single = tmp_path / "single"
+    result = harmon("generate", "--prompts", prompts, "--outdir", single, "--model", harmon_folder, "--size", "32", *FAST)
+    assert result.returncode == 0, result.stderr
+    for index, entry in enumerate(entries):
+        assert json.loads((single / f"{index:05d}" / "metadata.jsonl").read_text()) == entry
+    # Resumable: finished images are kept as they are, a missing one is made again.
+    kept = single / "00000" / "samples" / "0000.png"
+    kept_time = kept.stat().st_mtime_ns
+    missing = single / "00002" / "samples" / "0000.png"
+    expected_missing = np.asarray(Image.open(missing))
+    missing.unlink()
+    result = harmon("generate", "--prompts", prompts, "--outdir", single, "--model", harmon_folder, "--size", "32", *FAST)
+    assert result.returncode == 0 and kept.stat().st_mtime_ns == kept_time
+    assert np.array_equal(np.asarray(Image.open(missing)), expected_missing)
+
+    sharded = tmp_path / "sharded"
+    launch = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "-m",
+         "harmon_hf.cli", "generate", "--prompts", str(prompts), "--outdir", str(sharded), "--model",
+         str(harmon_folder), "--size", "32", *FAST],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert launch.returncode == 0, launch.stderr[-3000:]
+    for one, two in zip(_images(single, 3), _images(sharded, 3)):
+        assert np.array_equal(one, two)
+
+
+@pytest.mark.parametrize(
+    "arguments, fragment",
+    [
+        (["describe", "missing.png", "--model", "MODEL"], "no such file: missing.png"),
+        (["describe", "notes.txt", "--model", "MODEL"], "not an image: notes.txt"),
+        (["generate", "x", "--size", "50", "--model", "MODEL"], "height must be a positive multiple of 16, got 50"),
+        (["generate", "x", "--size", "big", "--model", "MODEL"], "--size must be N or HxW"),
+        (["generate", "x", "--model", "/no/such/model"], "cannot load model '/no/such/model'"),
+        (["generate", "--prompts", "missing.jsonl", "--model", "MODEL"], "no such file: missing.jsonl"),
+        (["generate", "--model", "MODEL"], "give either a PROMPT or --prompts"),
+        (["generate", "x"], "no model given"),
+    ],
+)
+def test_bad_input_exits_with_one_line(harmon_folder, tmp_path, monkeypatch, arguments, fragment):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a picture")
+    arguments = [str(harmon_folder) if argument == "MODEL" else argument for argument in arguments]
+    assert_one_line_error(harmon(*arguments, env={"HARMON_MODEL": ""}), fragment)
+
+
+def test_help_explains_every_flag():
+    result = harmon("generate", "--help")
+    assert result.returncode == 0
+    for flag in ("--model", "--seed", "--size", "--guidance", "--steps", "--rounds", "--n", "--prompts", "--outdir"):
+        assert flag in result.stdout

@@ -1,0 +1,203 @@
+"""HarmonPipeline on the tiny model: outputs, seeds, batches, inpainting, schedulers and loading from one folder."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler
+from PIL import Image
+
+from harmon_hf import HarmonPipeline
+
+FAST = dict(num_iter=4, num_inference_steps=6)
+
+
+def _seed(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("height, width", [(64, 64), (32, 96)])
+def test_output_types_and_shapes(pipe, height, width):
+    kwargs = dict(height=height, width=width, **FAST)
+    pil = pipe("a red circle", generator=_seed(), **kwargs).images
+    assert len(pil) == 1 and pil[0].size == (width, height) and pil[0].mode == "RGB"
+    array = pipe("a red circle", output_type="np", generator=_seed(), **kwargs).images
+    assert array.shape == (1, height, width, 3) and array.dtype == np.uint8
+    tensor = pipe("a red circle", output_type="pt", generator=_seed(), **kwargs).images
+    assert tensor.shape == (1, 3, height, width) and tensor.dtype == torch.uint8
+    latents = pipe("a red circle", output_type="latent", generator=_seed(), **kwargs).images
+    assert latents.shape == (1, height // 16, width // 16, 16)
+    assert np.array_equal(np.asarray(pil[0]), array[0]) and np.array_equal(array[0], tensor[0].permute(1, 2, 0).numpy())
+
+
+def test_latent_output_decodes_to_the_same_image(pipe):
+    array = pipe("a blue square", output_type="np", generator=_seed(5), **FAST).images
+    latents = pipe("a blue square", output_type="latent", generator=_seed(5), **FAST).images
+    decoded = pipe.processor.image_processor.postprocess(pipe.model.decode_latents(latents), "np")
+    assert np.array_equal(decoded, array)
+
+
+def test_same_seed_same_images(pipe):
+    first = pipe("a red circle", output_type="np", generator=_seed(1), **FAST).images
+    again = pipe("a red circle", output_type="np", generator=_seed(1), **FAST).images
+    other = pipe("a red circle", output_type="np", generator=_seed(2), **FAST).images
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+
+
+def test_batch_of_prompts(pipe):
+    images = pipe(["a red circle", "a blue square"], num_images_per_prompt=2, output_type="np", generator=_seed(),
+                  negative_prompt=["blurry", "dark"], **FAST).images
+    assert images.shape == (4, 64, 64, 3)
+    assert not np.array_equal(images[0], images[2])
+    assert np.array_equal(images, pipe(["a red circle", "a blue square"], num_images_per_prompt=2, output_type="np",
+                                       generator=_seed(), negative_prompt=["blurry", "dark"], **FAST).images)
+
+
+def test_guidance_off_and_linear_schedule(pipe):
+    plain = pipe("a red circle", guidance_scale=1.0, output_type="latent", generator=_seed(), **FAST).images
+    linear = pipe("a red circle", guidance_schedule="linear", output_type="latent", generator=_seed(), **FAST).images
+    assert plain.shape == linear.shape == (1, 4, 4, 16) and torch.isfinite(plain).all() and torch.isfinite(linear).all()
+
+
+def _image_and_mask():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 40, 30))  # touches tokens (1..2, 1..2)
+    return image, mask
+
+
+def test_inpainting_keeps_unmasked_tokens_exactly(pipe):
+    image, mask = _image_and_mask()
+    result = pipe("a red circle", image=image, mask_image=mask, output_type="latent", generator=_seed(), **FAST).images
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    original = pipe.model.encode_images(pixels)
+    regenerated = torch.zeros(4, 4, dtype=torch.bool)
+    regenerated[1:2, 1:3] = True
+    assert torch.equal(result[0][~regenerated], original[0][~regenerated])
+    assert not torch.equal(result[0][regenerated], original[0][regenerated])
+
+
+def test_outpainting_extends_the_image(pipe):
+    image = Image.new("RGB", (32, 64), (200, 20, 20))
+    canvas, mask = HarmonPipeline.prepare_outpainting(image, left=16, right=16)
+    assert canvas.size == (64, 64) and np.asarray(mask)[:, :16].min() == 255 and np.asarray(mask)[:, 16:48].max() == 0
+    result = pipe("a red wall", image=canvas, mask_image=mask, output_type="latent", generator=_seed(), **FAST).images
+    original = pipe.model.encode_images(torch.from_numpy(np.asarray(canvas, np.float32) / 127.5 - 1).permute(2, 0, 1)[None])
+    assert torch.equal(result[0, :, 1:3], original[0, :, 1:3])
+    assert not torch.equal(result[0, :, 0], original[0, :, 0])
+
+
+def test_dpm_solver_for_fewer_steps(pipe):
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(original.config)
+        with pytest.raises(ValueError, match="variance_type=None"):
+            pipe("a red circle", **FAST)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(original.config, variance_type=None)
+        latents = pipe("a red circle", num_iter=4, num_inference_steps=10, output_type="latent", generator=_seed()).images
+        again = pipe("a red circle", num_iter=4, num_inference_steps=10, output_type="latent", generator=_seed()).images
+    finally:
+        pipe.scheduler = original
+    assert torch.isfinite(latents).all() and torch.equal(latents, again)
+
+
+def test_callback_and_interrupt(pipe):
+    seen = []
+
+    def callback(pipeline, round_index, num_masked, tensors):
+        seen.append((round_index, num_masked, tensors["tokens"].shape))
+        if round_index == 1:
+            pipeline._interrupt = True
+        return tensors
+
+    pipe("a red circle", callback_on_step_end=callback, **FAST)
+    assert [entry[0] for entry in seen] == [0, 1] and seen[0][2] == (1, 16, 16) and seen[0][1] < 16
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(height=40), "height must be a positive multiple of 16, got 40"),
+        (dict(output_type="jpeg"), "output_type must be one of"),
+        (dict(num_iter=0), "num_iter must be a positive integer, got 0"),
+        (dict(image=Image.new("RGB", (64, 64))), "both image and mask_image"),
+        (dict(guidance_schedule="cosine"), "guidance_schedule must be one of"),
+    ],
+)
+def test_bad_arguments(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe("a red circle", **kwargs)
+
+
+def test_empty_mask_is_refused(pipe):
+    with pytest.raises(ValueError, match="masks nothing"):
+        pipe("x", image=Image.new("RGB", (64, 64)), mask_image=Image.new("L", (64, 64), 0), **FAST)
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import sys, importlib.abc
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "harmon_hf":
+                raise ImportError("blocked")
+    sys.meta_path.insert(0, Block())
+    import numpy as np, torch
+    from transformers import AutoModel, AutoProcessor
+    folder = sys.argv[1]
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    inputs = processor.generation_inputs(["a red circle"])
+    latents = model.generate_images(inputs["input_ids"], inputs["attention_mask"], height=64, width=64, num_iter=4,
+                                    num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="latent")
+    np.save(sys.argv[2], latents.numpy())
+    print(type(processor).__name__, type(model).__name__)
+    """
+)
+
+
+def test_one_folder_serves_auto_classes_remote_code_and_the_pipeline(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "saved")
+    reloaded = HarmonPipeline.from_pretrained(tmp_path / "saved")
+    expected = pipe("a red circle", output_type="latent", generator=_seed(), **FAST).images
+    assert torch.equal(reloaded("a red circle", output_type="latent", generator=_seed(), **FAST).images, expected)
+
+    script = tmp_path / "remote.py"
+    script.write_text(REMOTE_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "saved"), str(tmp_path / "latents.npy")],
+                            capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "HarmonProcessor HarmonForConditionalGeneration" in result.stdout
+    # The bare model in a Python without harmon_hf gives the pipeline's image for the same seed.
+    assert np.array_equal(np.load(tmp_path / "latents.npy"), expected.numpy())
+
+
+def test_streamed_answer_equals_the_generated_one(pipe, capsys):
+    from harmon_hf.cli import image_question, stream_answer
+
+    image = Image.new("RGB", (48, 64), (0, 128, 255))
+    messages = [image_question("What colour is it?")]
+    streamed = stream_answer(pipe, messages, [image], max_new_tokens=8)
+    assert capsys.readouterr().out.strip() == streamed
+    text = pipe.processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = pipe.processor(text=text, images=image)
+    stop_ids = pipe.processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    generated = pipe.model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=stop_ids)
+    assert pipe.processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:])[0] == streamed
+
+
+def test_multi_turn_chat_keeps_the_image_and_history(pipe):
+    from harmon_hf.cli import image_question
+
+    messages = [image_question("Colour?"), {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Shape?"}]
+    text = pipe.processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = pipe.processor(text=text, images=Image.new("RGB", (64, 64)))
+    assert (inputs["input_ids"] == pipe.processor.image_token_id).sum() == pipe.processor.num_image_tokens()
+    output = pipe.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert output.shape[1] == inputs["input_ids"].shape[1] + 3
