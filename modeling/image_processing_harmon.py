@@ -52,23 +52,29 @@ class HarmonImageProcessor(BaseImageProcessor):
         left, top = (width - side) // 2, (height - side) // 2
         return image.crop((left, top, left + side, top + side))
 
-    def preprocess(self, images, mode: str = "understanding", size: int | None = None, return_tensors="pt", **kwargs):
-        """images: a PIL image or a list of them. `mode="understanding"` pads to a square, `"generation"` (training
-        targets) centre-crops; both resize to `size` (default `image_size`) and scale to [-1, 1]."""
+    def square_image(self, image: Image.Image, mode: str = "understanding", size: int | None = None) -> Image.Image:
+        """`mode="understanding"` pads to a square, `"generation"` (training targets) centre-crops; then resizes to
+        `size` (default `image_size`)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"images must be PIL images, got {type(image).__name__}")
         size = size or self.image_size
         self.check_size(size)
+        image = image.convert("RGB")
+        square = self.pad_to_square(image) if mode == "understanding" else self.center_crop_square(image)
+        return square.resize((size, size), resample=self.resample)
+
+    @staticmethod
+    def normalize(pixels: np.ndarray) -> np.ndarray:
+        """uint8 RGB (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1]."""
+        return np.moveaxis(pixels.astype(np.float32) / 255.0 * 2.0 - 1.0, -1, -3)
+
+    def preprocess(self, images, mode: str = "understanding", size: int | None = None, return_tensors="pt", **kwargs):
+        """images: a PIL image or a list of them -> `pixel_values` (b, 3, size, size) in [-1, 1]."""
         images = images if isinstance(images, (list, tuple)) else [images]
-        arrays = []
-        for image in images:
-            if not isinstance(image, Image.Image):
-                raise ValueError(f"images must be PIL images, got {type(image).__name__}")
-            image = image.convert("RGB")
-            square = self.pad_to_square(image) if mode == "understanding" else self.center_crop_square(image)
-            resized = square.resize((size, size), resample=self.resample)
-            arrays.append(np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / 255.0 * 2.0 - 1.0)
-        return BatchFeature({"pixel_values": np.stack(arrays)}, tensor_type=return_tensors)
+        squares = [np.asarray(self.square_image(image, mode, size)) for image in images]
+        return BatchFeature({"pixel_values": self.normalize(np.stack(squares))}, tensor_type=return_tensors)
 
     @staticmethod
     def postprocess(pixels: torch.Tensor, output_type: str = "pil"):

@@ -20,7 +20,7 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 
 from .configuration_harmon import HarmonConfig
@@ -325,6 +325,13 @@ def scale_gradient(tensor: torch.Tensor, scale: float) -> torch.Tensor:
     """Identity in the forward pass; multiplies the gradient by `scale` in the backward pass."""
     detached = tensor.detach()
     return detached + scale * (tensor - detached)
+
+
+@dataclass
+class HarmonTextToImageOutput(ModelOutput):
+    """`loss`: MAR's diffusion loss on the masked tokens of the target images."""
+
+    loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -729,13 +736,20 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        task: str = "understanding",
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | HarmonTextToImageOutput:
         """Understanding: every `image_token_id` in `input_ids` is replaced, in order, by the visual features.
 
         With `labels` (-100 = ignored) the loss is the next-token cross-entropy; the gradient reaching the visual
-        features is scaled by `config.visual_gradient_scale`.
+        features is scaled by `config.visual_gradient_scale`. With `task="text_to_image"`, `pixel_values` are the
+        target images of the prompts in `input_ids` and the output holds the text-to-image training loss (training
+        goes through `forward` so that distributed wrappers see every computation).
         """
+        if task == "text_to_image":
+            return HarmonTextToImageOutput(loss=self.text_to_image_loss(input_ids, attention_mask, pixel_values))
+        if task != "understanding":
+            raise ValueError(f"task must be 'understanding' or 'text_to_image', got {task!r}")
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,

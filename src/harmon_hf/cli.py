@@ -30,7 +30,7 @@ def default_model() -> str:
     return str(bundled)
 
 
-def load_pipeline(name: str | None):
+def load_pipeline(name: str | None, lora: str | None = None):
     import torch
     from transformers.utils import logging as transformers_logging
 
@@ -43,6 +43,10 @@ def load_pipeline(name: str | None):
     except Exception as error:  # any failure to resolve or read a model is the user's model argument
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CommandError(f"cannot load model {name!r}: {first_line}") from error
+    if lora is not None:
+        from .training import load_with_adapter
+
+        pipeline.register_modules(model=load_with_adapter(pipeline.model, lora))
     if torch.cuda.is_available():
         pipeline.to("cuda")
     return pipeline
@@ -115,7 +119,7 @@ def _generate(args):
     if args.prompts is not None:
         return _generate_batch(args)
     kwargs = _generation_kwargs(args)
-    pipeline = load_pipeline(args.model)
+    pipeline = load_pipeline(args.model, args.lora)
     images = pipeline(args.prompt, generator=_generator(args.seed), **kwargs).images
     for image, path in zip(images, _output_paths(args.output, len(images))):
         atomic_save(image, path)
@@ -159,7 +163,7 @@ def _generate_batch(args):
     if not todo:
         print(f"all {len(mine)} prompts of this process are already done in {outdir}")
         return
-    pipeline = load_pipeline(args.model)
+    pipeline = load_pipeline(args.model, args.lora)
     pipeline.to(state.device)
     pipeline.set_progress_bar_config(disable=True)
     for index in tqdm(todo, desc=f"prompts (process {state.process_index})", disable=not state.is_local_main_process):
@@ -245,6 +249,21 @@ def _inpaint(args):
         print(f"wrote {path} ({result.width}x{result.height})")
 
 
+def _train(args):
+    from .training import Recipe, train
+
+    recipe = Recipe.load(args.recipe, args.overrides)
+    final = train(recipe, resume=args.resume if args.resume != "latest" else True)
+    print(f"Saved the trained {'adapter' if recipe.lora else 'model'} to {final}")
+
+
+def _export_lora(args):
+    from .training import export_merged
+
+    export_merged(args.base, args.adapter, args.output)
+    print(f"Saved {args.base} with {args.adapter} merged to {args.output}")
+
+
 def _convert(args):
     from .convert import convert
 
@@ -286,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompts", help='JSON-lines file, one {"prompt": ...} object (plus any metadata) per line')
     generate.add_argument("--outdir", default="harmon-samples", help="output folder for --prompts (harmon-samples)")
     _add_model_argument(generate)
+    generate.add_argument("--lora", help="a LoRA adapter folder from harmon train, merged into the model")
     _add_sampling_arguments(generate)
     generate.set_defaults(run=_generate)
 
@@ -313,6 +333,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_argument(inpaint)
     _add_sampling_arguments(inpaint)
     inpaint.set_defaults(run=_inpaint)
+
+    train = commands.add_parser("train", help="train or fine-tune with a recipe",
+                                description="Run a training recipe (a YAML file, or the name of a bundled one: stage1, "
+                                            "stage2, stage3, finetune, finetune_decoder_only, lora). Several processes: "
+                                            "accelerate launch [--multi_gpu --num_processes N] -m harmon_hf.cli train ...")
+    train.add_argument("recipe", help="recipe file or bundled recipe name")
+    train.add_argument("overrides", nargs="*", help="key=value changes, dotted (training.max_steps=100, data.0.ratio=0.5)")
+    train.add_argument("--resume", nargs="?", const="latest", default=False,
+                       help="continue from the latest checkpoint in output_dir, or from the given checkpoint folder")
+    train.set_defaults(run=_train)
+
+    export_lora = commands.add_parser("export-lora", help="merge a LoRA adapter into its base model and save it",
+                                      description="Save BASE with ADAPTER merged as a normal model folder.")
+    export_lora.add_argument("--base", required=True, help="the base model folder or Hub id")
+    export_lora.add_argument("--adapter", required=True, help="the adapter folder saved by harmon train")
+    export_lora.add_argument("--output", required=True, help="folder to write the merged model to")
+    export_lora.set_defaults(run=_export_lora)
 
     convert = commands.add_parser(
         "convert",

@@ -1,0 +1,308 @@
+"""Streamed training data: sources read with `datasets` (streaming=True), turned into task samples, mixed by ratio.
+
+Every source is filtered for bad samples *before* the sources are interleaved, so a skipped sample is replaced by the
+next good one of the same source and the mix stays as the recipe asks. Randomness of the data (shuffling, the
+unconditional captions) comes from seeds and the sample's position in its stream, so a resumed run sees the same
+samples as an uninterrupted one.
+"""
+
+import io
+import json
+import logging
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Features, IterableDataset, List, Value, interleave_datasets, load_dataset
+from datasets.distributed import split_dataset_by_node
+from PIL import Image
+
+from .recipe import DataSource, Recipe
+
+
+logger = logging.getLogger(__name__)
+
+# Images outside these bounds are skipped, as in the reference's data loading.
+MIN_IMAGE_SIDE = 8
+MAX_ASPECT_RATIO = 10.0
+# A prepared sample: token ids, labels (-100 = no loss), the square RGB image as raw uint8 bytes (empty without one),
+# why it is unusable (empty if it is fine), and the reasons of the bad samples skipped just before it in its source:
+# the counts travel with the data, so they reach the trainer from any dataloader worker.
+SAMPLE_FEATURES = Features({
+    "task": Value("string"),
+    "input_ids": List(Value("int32")),
+    "labels": List(Value("int32")),
+    "image": Value("binary"),
+    "skip_reason": Value("string"),
+    "skipped_before": List(Value("string")),
+})
+_BUILDER_BY_SUFFIX = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tar": "webdataset"}
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; its message is the reason, counted in the logs."""
+
+
+# -- reading ---------------------------------------------------------------------------------------------------------
+
+
+def _release_rows(data_info: str, caption_folder: str | None, caption_key: str):
+    """The release's fine-tuning layout: a JSON list of {"image": ..., "caption" | "annotation": ...}."""
+    for entry in json.loads(Path(data_info).read_text()):
+        row = {"image": entry["image"]}
+        if "annotation" in entry:
+            try:
+                caption = json.loads((Path(caption_folder) / entry["annotation"]).read_text())[caption_key]
+            except (OSError, ValueError, KeyError) as error:
+                caption = None
+                row["error"] = f"unreadable caption file {entry['annotation']} ({type(error).__name__})"
+            row["text"] = caption
+        else:
+            row["text"] = entry.get(caption_key)
+        yield row
+
+
+def open_source(source: DataSource) -> IterableDataset:
+    """The raw rows of a source, streamed."""
+    path = Path(source.path)
+    if source.format == "harmon_release":
+        return IterableDataset.from_generator(
+            _release_rows,
+            gen_kwargs={"data_info": source.path, "caption_folder": source.caption_folder or str(path.parent),
+                        "caption_key": source.caption_key},
+        )
+    builder = source.format
+    if builder == "auto":
+        if path.is_dir():
+            builder = "imagefolder"
+        elif path.suffix in _BUILDER_BY_SUFFIX:
+            builder = _BUILDER_BY_SUFFIX[path.suffix]
+        elif "*" in source.path:
+            builder = _BUILDER_BY_SUFFIX.get(Path(source.path.replace("*", "x")).suffix, "hub")
+        else:
+            builder = "hub"
+    if builder == "hub":
+        return load_dataset(source.path, split=source.split, streaming=True)
+    if builder == "imagefolder":
+        return load_dataset("imagefolder", data_dir=source.path, split=source.split, streaming=True)
+    return load_dataset(builder, data_files=source.path, split=source.split, streaming=True)
+
+
+def check_source(source: DataSource):
+    """Open a source and read its first row, so a wrong path fails before any compute."""
+    try:
+        next(iter(open_source(source)))
+    except StopIteration:
+        raise ValueError(f"data source {source.path!r} is empty") from None
+    except Exception as error:
+        raise ValueError(f"cannot open data source {source.path!r}: {error}") from error
+
+
+# -- turning rows into samples ---------------------------------------------------------------------------------------
+
+
+class SampleBuilder:
+    """Turns a raw row of one source into a training sample of its task (token ids, labels, pixels)."""
+
+    def __init__(self, recipe: Recipe, source: DataSource, source_index: int, processor):
+        self.recipe, self.source, self.source_index = recipe, source, source_index
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_base = Path(source.image_folder) if source.image_folder else (
+            Path(source.path).parent if Path(source.path).is_file() else Path(source.path)
+        )
+        self.skipped: list[str] = []  # reasons of the bad samples since the last good one
+        self.reasons_seen: set[str] = set()
+
+    def __call__(self, row: dict, index: int) -> dict:
+        try:
+            if row.get("error"):
+                raise BadSample(row["error"])
+            sample = getattr(self, self.source.task)(row, index)
+        except BadSample as reason:
+            if str(reason) not in self.reasons_seen:
+                logger.warning("skipping samples of %s: %s", self.source.path, reason)
+                self.reasons_seen.add(str(reason))
+            self.skipped.append(str(reason))
+            return {"task": self.source.task, "input_ids": [], "labels": [], "image": b"", "skip_reason": str(reason),
+                    "skipped_before": []}
+        skipped, self.skipped = self.skipped, []
+        return {**sample, "skip_reason": "", "skipped_before": skipped}
+
+    # one method per task -------------------------------------------------------------------------------------------
+
+    def text_to_image(self, row: dict, index: int) -> dict:
+        caption = self._text(row)
+        rng = random.Random(f"{self.recipe.seed}/{self.source_index}/{index}")
+        if rng.random() < self.recipe.unconditional_probability:
+            prompt = self.processor.apply_chat_template(
+                [{"role": "user", "content": "Generate an image."}], add_generation_prompt=True
+            )
+        else:
+            prompt = self.processor.apply_generation_template(caption)
+        input_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return {"task": "text_to_image", "input_ids": input_ids, "labels": [], "image": self._square(row, "generation")}
+
+    def image_to_text(self, row: dict, index: int) -> dict:
+        if self.source.conversations_column:
+            messages = self._conversation(row)
+        else:
+            messages = [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.source.instruction}]},
+                {"role": "assistant", "content": self._text(row)},
+            ]
+        input_ids, labels = self._chat_ids(messages)
+        if input_ids.count(self.processor.image_token_id) != 1:
+            raise BadSample("conversation without exactly one <image>")
+        placeholder_count = self.processor.num_image_tokens(self.recipe.image_size)
+        position = input_ids.index(self.processor.image_token_id)
+        input_ids[position : position + 1] = [self.processor.image_token_id] * placeholder_count
+        labels[position : position + 1] = [-100] * placeholder_count
+        return {"task": "image_to_text", "input_ids": input_ids, "labels": labels,
+                "image": self._square(row, "understanding")}
+
+    def text(self, row: dict, index: int) -> dict:
+        if self.source.conversations_column:
+            input_ids, labels = self._chat_ids(self._conversation(row))
+        else:
+            input_ids = self.tokenizer(self._text(row) + self.tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+            labels = list(input_ids)
+        if self.processor.image_token_id in input_ids:
+            raise BadSample("text sample with an <image> marker")
+        return {"task": "text", "input_ids": input_ids, "labels": labels, "image": b""}
+
+    # helpers --------------------------------------------------------------------------------------------------------
+
+    def _text(self, row: dict) -> str:
+        text = row.get(self.source.text_column)
+        if not isinstance(text, str) or not text.strip():
+            raise BadSample("empty text")
+        if len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) > self.recipe.max_text_tokens:
+            raise BadSample(f"over-long text: more than {self.recipe.max_text_tokens} tokens")
+        return text.strip()
+
+    def _conversation(self, row: dict) -> list[dict]:
+        turns = row.get(self.source.conversations_column)
+        if not isinstance(turns, list) or not turns:
+            raise BadSample("empty conversation")
+        messages = []
+        for turn in turns:
+            role = _ROLES.get(turn.get("from", turn.get("role")))
+            text = turn.get("value", turn.get("content"))
+            if role is None or not isinstance(text, str):
+                raise BadSample("conversation turn without a known role and text")
+            if "<image>" in text:
+                text = text.replace("<image>", "").strip()
+                messages.append({"role": role, "content": [{"type": "image"}, {"type": "text", "text": text}]})
+            else:
+                messages.append({"role": role, "content": text})
+        if not any(m["role"] == "assistant" for m in messages):
+            raise BadSample("conversation without an answer")
+        return messages
+
+    def _chat_ids(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """Token ids of the conversation in the chat template; labels on the assistant turns only."""
+        input_ids, labels = [], []
+        for message in messages:
+            rendered = self.processor.apply_chat_template([message])
+            header = f"<|im_start|>{message['role']}\n"
+            header_ids = self.tokenizer(header, add_special_tokens=False)["input_ids"]
+            body_ids = self.tokenizer(rendered[len(header):], add_special_tokens=False)["input_ids"]
+            input_ids += header_ids + body_ids
+            labels += [-100] * len(header_ids) + (body_ids if message["role"] == "assistant" else [-100] * len(body_ids))
+        if sum(label != -100 for label in labels) > self.recipe.max_text_tokens:
+            raise BadSample(f"over-long text: more than {self.recipe.max_text_tokens} tokens")
+        return input_ids, labels
+
+    def _square(self, row: dict, mode: str) -> bytes:
+        square = self.processor.image_processor.square_image(self._image(row), mode, self.recipe.image_size)
+        return square.tobytes()
+
+    def _image(self, row: dict) -> Image.Image:
+        value = row.get(self.source.image_column)
+        try:
+            if isinstance(value, Image.Image):
+                image = value
+            elif isinstance(value, dict) and value.get("bytes"):
+                image = Image.open(io.BytesIO(value["bytes"]))
+            elif isinstance(value, dict) and value.get("path"):
+                image = Image.open(self.image_base / value["path"])
+            elif isinstance(value, str):
+                image = Image.open(self.image_base / value)
+            else:
+                raise BadSample("no image")
+            image.load()  # decode now: a truncated file fails here
+        except BadSample:
+            raise
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise BadSample(f"unreadable image: {type(error).__name__}") from None
+        width, height = image.size
+        if min(width, height) <= MIN_IMAGE_SIDE:
+            raise BadSample(f"tiny image: {width}x{height}")
+        if max(width / height, height / width) >= MAX_ASPECT_RATIO:
+            raise BadSample(f"extreme aspect ratio: {width}x{height}")
+        return image.convert("RGB")
+
+
+def is_usable(sample: dict) -> bool:
+    return not sample["skip_reason"]
+
+
+def build_training_stream(recipe: Recipe, processor, rank: int = 0, world_size: int = 1) -> IterableDataset:
+    """All sources, prepared, filtered and interleaved by their ratios (and split between processes)."""
+    streams, probabilities = [], []
+    for index, source in enumerate(recipe.data):
+        if source.ratio == 0:
+            continue
+        raw = open_source(source)
+        if source.shuffle_buffer:
+            raw = raw.shuffle(seed=recipe.seed + index, buffer_size=source.shuffle_buffer)
+        builder = SampleBuilder(recipe, source, index, processor)
+        samples = raw.map(builder, with_indices=True, features=SAMPLE_FEATURES).select_columns(list(SAMPLE_FEATURES))
+        streams.append(samples.filter(is_usable))
+        probabilities.append(source.ratio)
+    total = sum(probabilities)
+    mixed = interleave_datasets(streams, probabilities=[p / total for p in probabilities], seed=recipe.seed,
+                                stopping_strategy="all_exhausted")
+    return split_dataset_by_node(mixed, rank=rank, world_size=world_size) if world_size > 1 else mixed
+
+
+class HarmonDataCollator:
+    """Groups a batch by task: {"text_to_image": {...}, "image_to_text": {...}, "text": {...}} (tasks present)."""
+
+    def __init__(self, pad_token_id: int, image_processor, image_size: int):
+        self.pad_token_id = pad_token_id
+        self.image_processor = image_processor
+        self.image_size = image_size
+
+    def __call__(self, samples: list[dict]) -> dict:
+        """-> {task: tensors for each task present, "skipped": {reason: count} of the bad samples skipped}."""
+        by_task = defaultdict(list)
+        for sample in samples:
+            by_task[sample["task"]].append(sample)
+        batch = {task: self._collate(task, items) for task, items in by_task.items()}
+        batch["skipped"] = dict(Counter(reason.split(":")[0] for s in samples for reason in s["skipped_before"]))
+        return batch
+
+    def _collate(self, task: str, items: list[dict]) -> dict:
+        length = max(len(item["input_ids"]) for item in items)
+        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        labels = torch.full((len(items), length), -100, dtype=torch.long)
+        for row, item in enumerate(items):
+            count = len(item["input_ids"])  # right padding: prompts are read left to right in training
+            input_ids[row, :count] = torch.tensor(item["input_ids"])
+            attention_mask[row, :count] = 1
+            if item["labels"]:
+                labels[row, :count] = torch.tensor(item["labels"])
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if task != "text_to_image":
+            batch["labels"] = labels
+        if items[0]["image"]:
+            side = self.image_size
+            squares = np.stack([np.frombuffer(item["image"], np.uint8).reshape(side, side, 3) for item in items])
+            batch["pixel_values"] = torch.from_numpy(self.image_processor.normalize(squares))
+        return batch

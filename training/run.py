@@ -1,0 +1,88 @@
+"""`harmon train`: run a recipe with HarmonTrainer (also under `accelerate launch` for several processes)."""
+
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from transformers import AutoProcessor, TrainingArguments, set_seed
+
+from .data import HarmonDataCollator, build_training_stream, check_source
+from .recipe import Recipe
+from .trainer import HarmonTrainer
+
+# Settings every Harmon run needs, whatever the recipe says under `training`.
+FIXED_ARGUMENTS = {
+    "remove_unused_columns": False,  # batches are grouped by task, not columns of the model's forward
+    "accelerator_config": {"dispatch_batches": False},  # each process reads its own part of the streams
+    "ddp_find_unused_parameters": True,  # a batch may hold only some of the tasks, leaving modules unused
+}
+# The paper's optimiser and schedule; a recipe may override them under `training`.
+DEFAULT_ARGUMENTS = {
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.95,
+    "max_grad_norm": 1.0,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.01,  # below 1: a fraction of the run (1% linear warm-up)
+    "logging_steps": 10,
+    "save_steps": 1000,
+    "save_total_limit": 2,
+    "report_to": "none",
+}
+
+
+def load_model(recipe: Recipe):
+    from harmon_hf import HarmonForConditionalGeneration
+
+    model = HarmonForConditionalGeneration.from_pretrained(recipe.model, dtype=torch.float32)
+    if recipe.image_size % model.config.vae_stride:
+        raise ValueError(f"image_size {recipe.image_size} is not a multiple of the VAE stride {model.config.vae_stride}")
+    model.requires_grad_(True)
+    model.model.vae.requires_grad_(False)
+    for name in recipe.frozen:
+        getattr(model.model, name).requires_grad_(False)
+    if recipe.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+                            target_modules=recipe.lora.target_modules)
+        model = get_peft_model(model, config)
+    return model
+
+
+def training_arguments(recipe: Recipe) -> TrainingArguments:
+    unknown = set(recipe.training) & set(FIXED_ARGUMENTS)
+    if unknown:
+        raise ValueError(f"training.{sorted(unknown)[0]} is set by harmon train and cannot be changed")
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    values = {**DEFAULT_ARGUMENTS, "bf16": bf16, "seed": recipe.seed, "weight_decay": recipe.weight_decay,
+              "learning_rate": max(recipe.learning_rates.values()), **recipe.training, **FIXED_ARGUMENTS}
+    try:
+        return TrainingArguments(output_dir=recipe.output_dir, **values)
+    except TypeError as error:
+        raise ValueError(f"recipe key under training: {error}") from error
+
+
+def train(recipe: Recipe, resume: bool | str = False) -> Path:
+    """Train; returns the folder of the final model (or LoRA adapter)."""
+    for source in recipe.data:
+        if source.ratio > 0:
+            check_source(source)  # before any compute
+    args = training_arguments(recipe)
+    set_seed(recipe.seed)
+    processor = AutoProcessor.from_pretrained(recipe.model)
+    model = load_model(recipe)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    stream = build_training_stream(recipe, processor, state.process_index, state.num_processes)
+    trainer = HarmonTrainer(
+        model=model,
+        args=args,
+        train_dataset=stream,
+        data_collator=HarmonDataCollator(processor.tokenizer.pad_token_id, processor.image_processor, recipe.image_size),
+        recipe=recipe,
+    )
+    trainer.train(resume_from_checkpoint=resume or None)
+    final = Path(recipe.output_dir) / ("adapter" if recipe.lora is not None else "final")
+    trainer.save_model(str(final))  # a normal model folder (or the adapter alone with LoRA)
+    if state.is_main_process:
+        processor.save_pretrained(final)
+    return final

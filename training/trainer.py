@@ -1,0 +1,87 @@
+"""HarmonTrainer: transformers' Trainer with Harmon's three task losses, per-module learning rates and task logs."""
+
+from collections import Counter, defaultdict
+
+import torch
+from transformers import Trainer
+
+from .recipe import MODULES, Recipe
+
+
+def harmon_model(model):
+    """The HarmonForConditionalGeneration inside distributed and PEFT wrappers."""
+    while not hasattr(model, "generate_images"):
+        model = getattr(model, "module", None) or model.get_base_model()
+    return model
+
+
+def parameter_groups(model, learning_rates: dict[str, float], weight_decay: float) -> list[dict]:
+    """One optimizer group per (module, decay) with the recipe's learning rate. As in the reference, biases, 1-D
+    parameters and the diffusion head have no weight decay. Trainable parameters of modules without a learning rate
+    are an error (they would silently never train)."""
+    inner = harmon_model(model).model
+    groups, assigned = [], set()
+    for name in MODULES:
+        parameters = [(n, p) for n, p in getattr(inner, name).named_parameters() if p.requires_grad]
+        if not parameters:
+            continue
+        if name not in learning_rates:
+            raise ValueError(f"{name} has trainable parameters but no learning rate in the recipe")
+        for decay in (True, False):
+            chosen = [p for n, p in parameters if (p.ndim >= 2 and name != "diffusion_head") == decay]
+            if chosen:
+                groups.append({"params": chosen, "lr": learning_rates[name], "weight_decay": weight_decay if decay else 0.0,
+                               "module": name})
+                assigned.update(id(p) for p in chosen)
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in assigned]
+    if stray:
+        raise ValueError(f"trainable parameters outside Harmon's modules: {stray[:5]}")
+    return groups
+
+
+class HarmonTrainer(Trainer):
+    """Batches hold one entry per task present (see `HarmonDataCollator`); the loss is the recipe-weighted sum.
+
+    A subclass of `Trainer` rather than trl's `SFTTrainer`: two of Harmon's three losses are not next-token
+    prediction on formatted text (the diffusion loss on image latents, the answer-only loss on image prompts), so
+    SFTTrainer's dataset formatting and packing would not apply, while Trainer's loop, checkpointing, resumption and
+    distribution are what the recipe needs.
+    """
+
+    def __init__(self, *args, recipe: Recipe, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+        self.skipped_samples = Counter()  # bad samples skipped by reason, over the run
+        self._task_loss_sums = defaultdict(float)
+        self._task_loss_counts = defaultdict(int)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            groups = parameter_groups(model or self.model, self.recipe.learning_rates, self.recipe.weight_decay)
+            self.optimizer = torch.optim.AdamW(
+                groups, betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon
+            )
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.skipped_samples.update(inputs.pop("skipped", {}))
+        total = 0.0
+        for task, batch in inputs.items():
+            if task == "text_to_image":
+                loss = model(task="text_to_image", **batch).loss
+            else:
+                loss = model(**batch).loss
+            total = total + self.recipe.loss_weights.get(task, 1.0) * loss
+            self._task_loss_sums[task] += loss.detach().float().item()
+            self._task_loss_counts[task] += 1
+        return (total, None) if return_outputs else total
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # training logs: add each task's mean loss since the last log, and the skipped samples
+            for task, count in self._task_loss_counts.items():
+                logs[f"loss_{task}"] = round(self._task_loss_sums[task] / count, 6)
+            self._task_loss_sums.clear()
+            self._task_loss_counts.clear()
+            for reason, count in self.skipped_samples.items():
+                logs[f"skipped/{reason}"] = count
+        super().log(logs, start_time)
