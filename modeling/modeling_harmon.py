@@ -328,10 +328,11 @@ def scale_gradient(tensor: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 @dataclass
-class HarmonTextToImageOutput(ModelOutput):
-    """`loss`: MAR's diffusion loss on the masked tokens of the target images."""
+class HarmonTrainingOutput(ModelOutput):
+    """`loss`: the weighted sum of `task_losses`, one per task of the batch."""
 
     loss: torch.Tensor | None = None
+    task_losses: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -736,20 +737,22 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        task: str = "understanding",
+        task_batches: dict[str, dict] | None = None,
+        task_weights: dict[str, float] | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast | HarmonTextToImageOutput:
+    ) -> CausalLMOutputWithPast | HarmonTrainingOutput:
         """Understanding: every `image_token_id` in `input_ids` is replaced, in order, by the visual features.
 
         With `labels` (-100 = ignored) the loss is the next-token cross-entropy; the gradient reaching the visual
-        features is scaled by `config.visual_gradient_scale`. With `task="text_to_image"`, `pixel_values` are the
-        target images of the prompts in `input_ids` and the output holds the text-to-image training loss (training
-        goes through `forward` so that distributed wrappers see every computation).
+        features is scaled by `config.visual_gradient_scale`.
+
+        Training on several tasks: `task_batches` maps "text_to_image" (prompts and target `pixel_values`),
+        "image_to_text" and "text" (inputs with `labels`) to their batches; the output's loss is the sum of the task
+        losses weighted by `task_weights` (default 1). One forward per step, whatever the tasks, is what
+        distributed wrappers (DDP, FSDP, DeepSpeed) need.
         """
-        if task == "text_to_image":
-            return HarmonTextToImageOutput(loss=self.text_to_image_loss(input_ids, attention_mask, pixel_values))
-        if task != "understanding":
-            raise ValueError(f"task must be 'understanding' or 'text_to_image', got {task!r}")
+        if task_batches is not None:
+            return self.multitask_loss(task_batches, task_weights or {})
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -774,6 +777,19 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
 
     def text_to_image_loss(self, *args, **kwargs):
         return self.model.text_to_image_loss(*args, **kwargs)
+
+    def multitask_loss(self, task_batches: dict[str, dict], task_weights: dict[str, float]) -> HarmonTrainingOutput:
+        task_losses = {}
+        for task, batch in task_batches.items():
+            if task == "text_to_image":
+                task_losses[task] = self.text_to_image_loss(batch["input_ids"], batch["attention_mask"],
+                                                            pixel_values=batch["pixel_values"])
+            elif task in ("image_to_text", "text"):
+                task_losses[task] = self(**batch).loss
+            else:
+                raise ValueError(f"unknown task {task!r}: expected text_to_image, image_to_text or text")
+        loss = sum(task_weights.get(task, 1.0) * value for task, value in task_losses.items())
+        return HarmonTrainingOutput(loss=loss, task_losses=task_losses)
 
     def image_to_text_loss(self, input_ids, attention_mask, pixel_values, labels) -> torch.Tensor:
         return self(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, labels=labels).loss

@@ -21,7 +21,7 @@ def caption_rows(count: int) -> list[tuple[str, Image.Image]]:
 
 
 def write_caption_parquet(path: Path, count: int = 32, extra: list[tuple] = ()) -> Path:
-    rows = caption_rows(count) + list(extra)
+    rows = list(extra) + caption_rows(count)  # unusual rows first, where a short read meets them
     dataset = Dataset.from_dict({"text": [t for t, _ in rows], "image": [i for _, i in rows]})
     dataset.cast_column("image", ImageFeature()).to_parquet(str(path))
     return path

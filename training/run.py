@@ -54,7 +54,8 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
     if unknown:
         raise ValueError(f"training.{sorted(unknown)[0]} is set by harmon train and cannot be changed")
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    values = {**DEFAULT_ARGUMENTS, "bf16": bf16, "seed": recipe.seed, "weight_decay": recipe.weight_decay,
+    # use_cpu lets processes launched without GPUs form a (gloo) group instead of each training alone.
+    values = {**DEFAULT_ARGUMENTS, "bf16": bf16, "use_cpu": not torch.cuda.is_available(), "seed": recipe.seed, "weight_decay": recipe.weight_decay,
               "learning_rate": max(recipe.learning_rates.values()), **recipe.training, **FIXED_ARGUMENTS}
     try:
         return TrainingArguments(output_dir=recipe.output_dir, **values)
@@ -80,7 +81,10 @@ def train(recipe: Recipe, resume: bool | str = False) -> Path:
         data_collator=HarmonDataCollator(processor.tokenizer.pad_token_id, processor.image_processor, recipe.image_size),
         recipe=recipe,
     )
+    if state.is_main_process:
+        print(f"harmon train: {recipe.output_dir}, {args.max_steps} steps on {state.num_processes} process(es)")
     trainer.train(resume_from_checkpoint=resume or None)
+    trainer.save_state()  # trainer_state.json in output_dir: the whole log history
     final = Path(recipe.output_dir) / ("adapter" if recipe.lora is not None else "final")
     trainer.save_model(str(final))  # a normal model folder (or the adapter alone with LoRA)
     if state.is_main_process:

@@ -9,10 +9,9 @@ from .recipe import MODULES, Recipe
 
 
 def harmon_model(model):
-    """The HarmonForConditionalGeneration inside distributed and PEFT wrappers."""
-    while not hasattr(model, "generate_images"):
-        model = getattr(model, "module", None) or model.get_base_model()
-    return model
+    """The HarmonForConditionalGeneration inside distributed (`.module`) and PEFT wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "peft_config") else model
 
 
 def parameter_groups(model, learning_rates: dict[str, float], weight_decay: float) -> list[dict]:
@@ -65,16 +64,11 @@ class HarmonTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.skipped_samples.update(inputs.pop("skipped", {}))
-        total = 0.0
-        for task, batch in inputs.items():
-            if task == "text_to_image":
-                loss = model(task="text_to_image", **batch).loss
-            else:
-                loss = model(**batch).loss
-            total = total + self.recipe.loss_weights.get(task, 1.0) * loss
+        outputs = model(task_batches=inputs, task_weights=self.recipe.loss_weights)
+        for task, loss in outputs.task_losses.items():
             self._task_loss_sums[task] += loss.detach().float().item()
             self._task_loss_counts[task] += 1
-        return (total, None) if return_outputs else total
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # training logs: add each task's mean loss since the last log, and the skipped samples

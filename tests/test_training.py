@@ -1,0 +1,298 @@
+"""Training on a tiny model and tiny datasets read through `datasets` streaming."""
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from harmon_hf import HarmonForConditionalGeneration
+from harmon_hf.training import HarmonDataCollator, Recipe, build_training_stream, parameter_groups, train
+from harmon_hf.training.recipe import from_dict
+from harmon_hf.training.run import load_model
+from tiny_data import caption_rows, write_caption_parquet, write_conversation_jsonl, write_text_jsonl
+
+ALL_MODULES_LR = {name: 1e-3 for name in ("language_model", "mar_encoder", "mar_decoder", "diffusion_head",
+                                          "proj_in", "proj_out")}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training-data")
+    too_long = ("word " * 600, caption_rows(1)[0][1])
+    return {
+        "parquet": write_caption_parquet(root / "captions.parquet"),
+        "parquet_with_bad": write_caption_parquet(root / "bad.parquet", extra=[too_long]),
+        "conversations": write_conversation_jsonl(root / "conversations"),
+        "conversations_with_bad": write_conversation_jsonl(root / "conversations-bad", broken_image=True),
+        "text": write_text_jsonl(root / "text.jsonl"),
+        "root": root,
+    }
+
+
+def make_recipe(harmon_folder, output_dir, sources, **changes) -> Recipe:
+    values = {
+        "model": str(harmon_folder),
+        "output_dir": str(output_dir),
+        "image_size": 64,
+        "max_text_tokens": 64,
+        "learning_rates": dict(ALL_MODULES_LR),
+        "data": sources,
+        "training": {"max_steps": 6, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 1000,
+                     "disable_tqdm": True},
+    }
+    for key, value in changes.items():
+        values[key] = {**values[key], **value} if isinstance(value, dict) and key == "training" else value
+    return from_dict(Recipe, values, "recipe")
+
+
+def three_task_sources(data, bad=False, shuffle_buffer=1000):
+    return [
+        {"path": str(data["parquet_with_bad" if bad else "parquet"]), "task": "text_to_image", "ratio": 0.5,
+         "shuffle_buffer": shuffle_buffer},
+        {"path": str(data["conversations_with_bad" if bad else "conversations"]), "task": "image_to_text",
+         "conversations_column": "conversations", "ratio": 0.3, "shuffle_buffer": shuffle_buffer},
+        {"path": str(data["text"]), "task": "text", "ratio": 0.2, "shuffle_buffer": shuffle_buffer},
+    ]
+
+
+def log_history(output_dir):
+    return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+
+
+@torch.no_grad()
+def fixed_task_losses(model, collator, samples) -> dict[str, float]:
+    """Each task's loss on fixed samples, with fixed diffusion randomness: comparable across checkpoints."""
+    batch = collator(samples)
+    batch.pop("skipped")
+    torch.manual_seed(0)
+    return {task: loss.item() for task, loss in model(task_batches=batch).task_losses.items()}
+
+
+def test_losses_of_each_task_fall(harmon_folder, data, tmp_path):
+    recipe = make_recipe(harmon_folder, tmp_path / "run", three_task_sources(data), training={"max_steps": 30})
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(harmon_folder)
+    stream = build_training_stream(recipe, processor)
+    samples = [sample for sample, _ in zip(stream, range(24))]
+    assert {s["task"] for s in samples} == {"text_to_image", "image_to_text", "text"}
+    collator = HarmonDataCollator(processor.tokenizer.pad_token_id, processor.image_processor, 64)
+    before = fixed_task_losses(HarmonForConditionalGeneration.from_pretrained(harmon_folder), collator, samples)
+    final = train(recipe)
+    after = fixed_task_losses(HarmonForConditionalGeneration.from_pretrained(final), collator, samples)
+    for task in before:
+        assert after[task] < 0.9 * before[task], (task, before[task], after[task])
+    logged = [entry for entry in log_history(tmp_path / "run") if "loss" in entry]
+    assert len(logged) == 30 and all(any(f"loss_{task}" in entry for entry in logged) for task in before)
+
+
+def test_frozen_modules_stay_bit_identical(harmon_folder, data, tmp_path):
+    recipe = make_recipe(harmon_folder, tmp_path / "run", three_task_sources(data),
+                         frozen=["language_model", "mar_encoder"],
+                         learning_rates={"mar_decoder": 1e-3, "diffusion_head": 1e-3, "proj_in": 1e-3, "proj_out": 1e-3})
+    before = HarmonForConditionalGeneration.from_pretrained(harmon_folder).state_dict()
+    after = HarmonForConditionalGeneration.from_pretrained(train(recipe)).state_dict()
+    for name, tensor in before.items():
+        frozen = name.startswith(("model.language_model.", "model.mar_encoder.", "model.vae.", "lm_head."))
+        assert torch.equal(tensor, after[name]) == frozen, name
+
+
+def test_optimizer_groups_follow_the_recipe(harmon_folder, data, tmp_path):
+    rates = {"language_model": 1e-5, "mar_encoder": 2e-5, "mar_decoder": 1e-4, "diffusion_head": 3e-4,
+             "proj_in": 4e-4, "proj_out": 5e-4}
+    recipe = make_recipe(harmon_folder, tmp_path / "run", three_task_sources(data), learning_rates=rates,
+                         weight_decay=0.02)
+    model = load_model(recipe)
+    groups = parameter_groups(model, recipe.learning_rates, recipe.weight_decay)
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    for group in groups:
+        assert group["lr"] == rates[group["module"]]
+        for parameter in group["params"]:
+            name = by_id[id(parameter)]
+            no_decay = parameter.ndim < 2 or ".diffusion_head." in name
+            assert group["weight_decay"] == (0.0 if no_decay else 0.02), name
+            assert f".{group['module']}." in name or name.startswith("lm_head")
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for g in groups for p in g["params"]}
+    assert not any(p.requires_grad for p in model.model.vae.parameters())
+
+
+def test_resume_continues_exactly(harmon_folder, data, tmp_path):
+    constant = {"lr_scheduler_type": "constant", "warmup_steps": 0, "save_steps": 4}
+    sources = three_task_sources(data)
+    straight = make_recipe(harmon_folder, tmp_path / "straight", sources, training={**constant, "max_steps": 8})
+    train(straight)
+    first_half = make_recipe(harmon_folder, tmp_path / "resumed", sources, training={**constant, "max_steps": 4})
+    train(first_half)
+    second_half = make_recipe(harmon_folder, tmp_path / "resumed", sources, training={**constant, "max_steps": 8})
+    train(second_half, resume=True)
+
+    def losses(folder):
+        return {entry["step"]: entry["loss"] for entry in log_history(folder) if "loss" in entry}
+
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+    expected = HarmonForConditionalGeneration.from_pretrained(tmp_path / "straight" / "final").state_dict()
+    actual = HarmonForConditionalGeneration.from_pretrained(tmp_path / "resumed" / "final").state_dict()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+def test_bad_samples_are_skipped_counted_and_keep_the_mix(harmon_folder, data, tmp_path):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(harmon_folder)
+    # In file order, so that the bad rows (near the start) are met, and few enough samples that no source wraps.
+    clean = make_recipe(harmon_folder, tmp_path, three_task_sources(data, shuffle_buffer=0))
+    dirty = make_recipe(harmon_folder, tmp_path, three_task_sources(data, bad=True, shuffle_buffer=0))
+    collator = HarmonDataCollator(processor.tokenizer.pad_token_id, processor.image_processor, 64)
+
+    def read(recipe, count=48):
+        samples = [sample for sample, _ in zip(build_training_stream(recipe, processor), range(count))]
+        skipped = Counter()
+        for start in range(0, count, 8):
+            skipped.update(collator(samples[start : start + 8])["skipped"])
+        return samples, skipped
+
+    clean_samples, clean_skipped = read(clean)
+    dirty_samples, dirty_skipped = read(dirty)
+    assert clean_skipped == {} and dirty_skipped == {"unreadable image": 1, "over-long text": 1}
+    # The sources are drawn in the same order: a skipped sample is replaced by the next one of its own source.
+    assert [s["task"] for s in dirty_samples] == [s["task"] for s in clean_samples]
+    shares = Counter(s["task"] for s in dirty_samples)
+    assert abs(shares["text_to_image"] / 48 - 0.5) < 0.15 and abs(shares["text"] / 48 - 0.2) < 0.12
+
+
+def test_release_layout_is_readable(harmon_folder, tmp_path):
+    from transformers import AutoProcessor
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "captions").mkdir()
+    entries = []
+    for index, (caption, image) in enumerate(caption_rows(4)):
+        image.save(tmp_path / "images" / f"{index}.jpg")
+        (tmp_path / "captions" / f"{index}.json").write_text(json.dumps({"caption": caption}))
+        entries.append({"image": f"{index}.jpg", "annotation": f"{index}.json"})
+    (tmp_path / "data_info.json").write_text(json.dumps(entries))
+    recipe = Recipe.load("finetune", [f"model={harmon_folder}", f"output_dir={tmp_path / 'run'}", "image_size=64",
+                                      f"data.0.path={tmp_path / 'data_info.json'}",
+                                      f"data.0.image_folder={tmp_path / 'images'}",
+                                      f"data.0.caption_folder={tmp_path / 'captions'}", "data.0.shuffle_buffer=0"])
+    processor = AutoProcessor.from_pretrained(harmon_folder)
+    samples = [s for s, _ in zip(build_training_stream(recipe, processor), range(4))]
+    assert [s["task"] for s in samples] == ["text_to_image"] * 4
+    assert all(len(s["image"]) == 64 * 64 * 3 for s in samples)
+
+
+def test_lora_trains_only_adapters_and_exports_the_same_model(harmon_folder, data, tmp_path):
+    recipe = make_recipe(harmon_folder, tmp_path / "run", three_task_sources(data),
+                         learning_rates={"language_model": 1e-2, "mar_encoder": 1e-2, "mar_decoder": 1e-2},
+                         lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "qkv"]})
+    from harmon_hf.training import load_with_adapter
+
+    adapter = train(recipe)
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").exists()
+    from safetensors.torch import load_file
+
+    trained = load_file(adapter / "adapter_model.safetensors")
+    assert trained and all("lora_" in name for name in trained)
+    assert any(t.abs().sum() > 0 for name, t in trained.items() if "lora_B" in name)  # B starts at zero
+
+    base = HarmonForConditionalGeneration.from_pretrained(harmon_folder)
+    from peft import PeftModel
+
+    adapted = PeftModel.from_pretrained(HarmonForConditionalGeneration.from_pretrained(harmon_folder), str(adapter))
+    for name, parameter in adapted.named_parameters():
+        if "lora_" not in name:
+            original = base.get_parameter(name.replace("base_model.model.", "").replace(".base_layer", ""))
+            assert torch.equal(parameter, original), name
+
+    subprocess.run([sys.executable, "-m", "harmon_hf.cli", "export-lora", "--base", str(harmon_folder), "--adapter",
+                    str(adapter), "--output", str(tmp_path / "merged")], check=True, capture_output=True)
+    merged = HarmonForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    input_ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expected = adapted(input_ids=input_ids).logits
+        assert not torch.allclose(expected, base(input_ids=input_ids).logits, atol=1e-4)
+        assert torch.allclose(merged(input_ids=input_ids).logits, expected, atol=1e-5)
+        assert torch.allclose(load_with_adapter(base, adapter)(input_ids=input_ids).logits, expected, atol=1e-5)
+
+
+def write_recipe(path, recipe_values):
+    path.write_text(yaml.safe_dump(recipe_values))
+    return path
+
+
+def test_two_processes_with_accelerate_launch(harmon_folder, data, tmp_path):
+    recipe = make_recipe(harmon_folder, tmp_path / "run", three_task_sources(data), training={"max_steps": 3})
+    values = json.loads(json.dumps(recipe, default=lambda o: o.__dict__))
+    path = write_recipe(tmp_path / "recipe.yaml", values)
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "-m",
+         "harmon_hf.cli", "train", str(path)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "3 steps on 2 process(es)" in result.stdout
+    model = HarmonForConditionalGeneration.from_pretrained(tmp_path / "run" / "final")
+    original = HarmonForConditionalGeneration.from_pretrained(harmon_folder)
+    assert not torch.equal(model.model.mar_decoder.embed.weight, original.model.mar_decoder.embed.weight)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lerning_rate": 1}, r"unknown key\(s\) \['lerning_rate'\] in recipe"),
+        ({"data": [{"path": "x.parquet", "task": "text", "ratio": 1.0, "colour": 1}]}, r"unknown key.*'colour'.*data\[0\]"),
+        ({"data": [{"path": "a.parquet", "task": "text", "ratio": 0.5}, {"path": "b.parquet", "task": "text", "ratio": 0.3}]},
+         "ratios must add up to 1, got 0.8"),
+        ({"learning_rates": {"mar_decoder": 1e-4}}, "neither frozen nor given a learning rate"),
+        ({"data": [{"path": "x.parquet", "task": "captioning", "ratio": 1.0}]}, "task must be one of"),
+    ],
+)
+def test_bad_recipes_are_refused(harmon_folder, tmp_path, change, message):
+    values = {"model": str(harmon_folder), "output_dir": str(tmp_path / "run"), "learning_rates": dict(ALL_MODULES_LR),
+              "data": [{"path": "x.parquet", "task": "text", "ratio": 1.0}], **change}
+    with pytest.raises(ValueError, match=message):
+        from_dict(Recipe, values, "recipe")
+
+
+def test_unopenable_dataset_is_refused_before_any_compute(harmon_folder, tmp_path):
+    recipe = make_recipe(harmon_folder, tmp_path / "run", [{"path": str(tmp_path / "missing.parquet"),
+                                                            "task": "text", "ratio": 1.0}])
+    with pytest.raises(ValueError, match="cannot open data source .*missing.parquet"):
+        train(recipe)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_a_bad_override_in_one_line(harmon_folder, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "harmon_hf.cli", "train", "stage1", "trainng.max_steps=3"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "unknown key(s) ['trainng']" in result.stderr
+
+
+def test_bundled_recipes_carry_the_papers_settings():
+    stage1, stage2, stage3 = (Recipe.load(name) for name in ("stage1", "stage2", "stage3"))
+    assert stage1.frozen == ["language_model"] and stage1.learning_rates["mar_decoder"] == 1e-4
+    assert stage1.learning_rates["mar_encoder"] == 1e-5 and stage1.image_size == 256
+    assert stage2.learning_rates["language_model"] == 1e-5 and stage2.learning_rates["mar_decoder"] == 1e-4
+    assert stage3.learning_rates["mar_decoder"] == 2e-5 and stage3.learning_rates["language_model"] == 2e-6
+    assert stage3.image_size == 512
+
+    def ratios(recipe):
+        by_task = Counter()
+        for source in recipe.data:
+            by_task[source.task] += source.ratio
+        return [round(by_task[t] / min(v for v in by_task.values() if v), 1) for t in ("text", "image_to_text", "text_to_image")]
+
+    assert ratios(stage1) == [0, 1, 2] and ratios(stage2) == [1, 3, 8] and ratios(stage3) == [1, 3, 16]
+    for recipe in (stage1, stage2, stage3):
+        assert recipe.training["max_steps"] == 50000 and recipe.weight_decay == 0.02
+    decoder_only = Recipe.load("finetune_decoder_only")
+    assert list(decoder_only.learning_rates) == ["mar_decoder"]
+    assert set(Recipe.load("finetune").learning_rates.values()) == {1e-5}
+    assert Recipe.load("lora").lora.target_modules[0] == "q_proj"
