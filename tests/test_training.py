@@ -213,6 +213,11 @@ def test_lora_trains_only_adapters_and_exports_the_same_model(harmon_folder, dat
 
     subprocess.run([sys.executable, "-m", "harmon_hf.cli", "export-lora", "--base", str(harmon_folder), "--adapter",
                     str(adapter), "--output", str(tmp_path / "merged")], check=True, capture_output=True)
+    generated = subprocess.run([sys.executable, "-m", "harmon_hf.cli", "generate", "a red square", "--model",
+                                str(harmon_folder), "--lora", str(adapter), "--size", "32", "--rounds", "2", "--steps",
+                                "2", "-o", str(tmp_path / "lora.png")], capture_output=True, text=True)
+    assert generated.returncode == 0, generated.stderr
+    assert Image.open(tmp_path / "lora.png").size == (32, 32)
     merged = HarmonForConditionalGeneration.from_pretrained(tmp_path / "merged")
     input_ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
