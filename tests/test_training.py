@@ -130,6 +130,9 @@ def test_resume_continues_exactly(harmon_folder, data, tmp_path):
     train(straight)
     first_half = make_recipe(harmon_folder, tmp_path / "resumed", sources, training={**constant, "max_steps": 4})
     train(first_half)
+    interrupted = tmp_path / "resumed" / "checkpoint-6"  # a save cut short: it must not be resumed from
+    interrupted.mkdir()
+    (interrupted / "trainer_state.json").write_text("{")
     second_half = make_recipe(harmon_folder, tmp_path / "resumed", sources, training={**constant, "max_steps": 8})
     train(second_half, resume=True)
 
@@ -301,3 +304,59 @@ def test_bundled_recipes_carry_the_papers_settings():
     assert list(decoder_only.learning_rates) == ["mar_decoder"]
     assert set(Recipe.load("finetune").learning_rates.values()) == {1e-5}
     assert Recipe.load("lora").lora.target_modules[0] == "q_proj"
+
+
+def test_every_bad_sample_rule(harmon_folder, tmp_path):
+    from transformers import AutoProcessor
+
+    from harmon_hf.training.data import SampleBuilder
+
+    processor = AutoProcessor.from_pretrained(harmon_folder)
+    source = from_dict(__import__("harmon_hf.training.recipe", fromlist=["DataSource"]).DataSource,
+                       {"path": str(tmp_path), "task": "text_to_image", "ratio": 1.0}, "source")
+    recipe = make_recipe(harmon_folder, tmp_path, [{"path": str(tmp_path), "task": "text_to_image", "ratio": 1.0}])
+    builder = SampleBuilder(recipe, source, 0, processor)
+    good = caption_rows(1)[0][1]
+    cases = {
+        "tiny image: 6x40": {"text": "a red square", "image": Image.new("RGB", (6, 40))},
+        "extreme aspect ratio: 400x30": {"text": "a red square", "image": Image.new("RGB", (400, 30))},
+        "empty text": {"text": "   ", "image": good},
+        "over-long text: more than 64 tokens": {"text": "word " * 200, "image": good},
+        "no image": {"text": "a red square", "image": None},
+    }
+    for reason, row in cases.items():
+        assert builder(row, 0)["skip_reason"] == reason
+    kept = builder({"text": "a red square", "image": good}, 1)
+    assert kept["skip_reason"] == "" and kept["skipped_before"] == list(cases)
+
+
+def test_image_folder_and_webdataset_sources(harmon_folder, tmp_path):
+    import tarfile
+    from io import BytesIO
+
+    from transformers import AutoProcessor
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    rows = caption_rows(4)
+    for index, (caption, image) in enumerate(rows):
+        image.save(folder / f"{index}.png")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": c}) + "\n"
+                                                   for i, (c, _) in enumerate(rows)))
+    with tarfile.open(tmp_path / "shard-0000.tar", "w") as tar:
+        for index, (caption, image) in enumerate(rows):
+            for suffix, payload in (("png", None), ("txt", caption.encode())):
+                if payload is None:
+                    buffer = BytesIO()
+                    image.save(buffer, format="PNG")
+                    payload = buffer.getvalue()
+                info = tarfile.TarInfo(f"{index:04d}.{suffix}")
+                info.size = len(payload)
+                tar.addfile(info, BytesIO(payload))
+    processor = AutoProcessor.from_pretrained(harmon_folder)
+    for source in ({"path": str(folder), "task": "text_to_image", "ratio": 1.0},
+                   {"path": str(tmp_path / "shard-0000.tar"), "task": "image_to_text", "image_column": "png",
+                    "text_column": "txt", "ratio": 1.0}):
+        recipe = make_recipe(harmon_folder, tmp_path / "run", [source])
+        samples = [s for s, _ in zip(build_training_stream(recipe, processor), range(4))]
+        assert len(samples) == 4 and all(s["task"] == source["task"] and s["image"] for s in samples)

@@ -8,7 +8,7 @@ from transformers import AutoProcessor, TrainingArguments, set_seed
 
 from .data import HarmonDataCollator, build_training_stream, check_source
 from .recipe import Recipe
-from .trainer import HarmonTrainer
+from .trainer import HarmonTrainer, latest_complete_checkpoint
 
 # Settings every Harmon run needs, whatever the recipe says under `training`.
 FIXED_ARGUMENTS = {
@@ -64,7 +64,10 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
 
 
 def train(recipe: Recipe, resume: bool | str = False) -> Path:
-    """Train; returns the folder of the final model (or LoRA adapter)."""
+    """Train; returns the folder of the final model (or LoRA adapter). `resume=True` continues from the newest
+    complete checkpoint in `output_dir`, a path from that checkpoint."""
+    if resume is True:
+        resume = str(latest_complete_checkpoint(recipe.output_dir))
     for source in recipe.data:
         if source.ratio > 0:
             check_source(source)  # before any compute

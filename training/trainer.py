@@ -1,11 +1,23 @@
 """HarmonTrainer: transformers' Trainer with Harmon's three task losses, per-module learning rates and task logs."""
 
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import torch
 from transformers import Trainer
 
 from .recipe import MODULES, Recipe
+
+
+# Written last into a checkpoint folder: a folder without it was interrupted while saving and is never resumed from.
+CHECKPOINT_COMPLETE = "checkpoint-complete"
+
+
+def latest_complete_checkpoint(output_dir: "str | Path") -> Path:
+    complete = [folder.parent for folder in Path(output_dir).glob(f"checkpoint-*/{CHECKPOINT_COMPLETE}")]
+    if not complete:
+        raise ValueError(f"no complete checkpoint to resume from in {output_dir}")
+    return max(complete, key=lambda folder: int(folder.name.split("-")[1]))
 
 
 def harmon_model(model):
@@ -69,6 +81,12 @@ class HarmonTrainer(Trainer):
             self._task_loss_sums[task] += loss.detach().float().item()
             self._task_loss_counts[task] += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            (folder / CHECKPOINT_COMPLETE).touch()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # training logs: add each task's mean loss since the last log, and the skipped samples
