@@ -163,7 +163,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
         capture_output=True, text=True,
     )
     assert result.returncode == 1
-    assert result.stderr.strip().count("\n") == 0 and "No such file" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "no such file" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_converted_folder_is_safetensors_and_bfloat16_on_request(tmp_path):

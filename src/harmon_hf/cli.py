@@ -267,9 +267,6 @@ def _export_lora(args):
 def _convert(args):
     from .convert import convert
 
-    for path in (args.checkpoint, args.vae):
-        if not Path(path).is_file():
-            raise CommandError(f"no such file: {path}")
     convert(checkpoint=args.checkpoint, vae=args.vae, config=args.config, output=args.output,
             tokenizer=args.tokenizer, dtype=args.dtype)
     print(f"Saved the converted model to {args.output}")

@@ -239,7 +239,7 @@ def convert(
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     for path in (checkpoint, vae):
         if not Path(path).is_file():
-            raise ValueError(f"No such file: {path}")
+            raise ValueError(f"no such file: {path}")
     loaded_tokenizer = None
     if tokenizer is not None:
         from transformers import AutoTokenizer
