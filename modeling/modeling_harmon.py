@@ -32,6 +32,9 @@ MASK_RATIO_MEAN = 1.0
 MASK_RATIO_STD = 0.25
 # Pixel values farther than this outside [-1, 1] are taken for unnormalised input (e.g. 0..255).
 PIXEL_RANGE_TOLERANCE = 0.5
+# The release's sampling defaults; the diffusion steps per round are `config.num_inference_steps`.
+DEFAULT_NUM_ITER = 64
+DEFAULT_GUIDANCE_SCALE = 3.0
 # Upper bound on the diffusion head's precomputed modulations during sampling (elements; 64 MB in float32).
 MODULATION_BUFFER_ELEMENTS = 16 * 2**20
 
@@ -801,7 +804,7 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor,
         height: int | None = None,
         width: int | None = None,
-        guidance_scale: float = 3.0,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         generator: torch.Generator | None = None,
         image_latents: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
@@ -853,7 +856,7 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         state: HarmonGenerationState,
         round_index: int,
         num_iter: int,
-        guidance_scale: float = 3.0,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         guidance_schedule: str = "constant",
         temperature: float = 1.0,
         scheduler=None,
@@ -886,8 +889,8 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor,
         height: int | None = None,
         width: int | None = None,
-        num_iter: int = 64,
-        guidance_scale: float = 3.0,
+        num_iter: int = DEFAULT_NUM_ITER,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         guidance_schedule: str = "constant",
         temperature: float = 1.0,
         num_inference_steps: int | None = None,

@@ -12,7 +12,7 @@ from diffusers.utils import BaseOutput
 from transformers import AutoModel, AutoProcessor
 
 from .modeling import HarmonDiffusionScheduler, HarmonForConditionalGeneration, HarmonProcessor
-from .modeling.modeling_harmon import GUIDANCE_SCHEDULES
+from .modeling.modeling_harmon import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_ITER, GUIDANCE_SCHEDULES
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -144,11 +144,11 @@ class HarmonPipeline(DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_iter: int = 64,
-        guidance_scale: float = 3.0,
+        num_iter: int = DEFAULT_NUM_ITER,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         guidance_schedule: str = "constant",
         temperature: float = 1.0,
-        num_inference_steps: int = 100,
+        num_inference_steps: int | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | None = None,
         image: PIL.Image.Image | None = None,
@@ -170,7 +170,7 @@ class HarmonPipeline(DiffusionPipeline):
             guidance_scale: classifier-free guidance; 1.0 disables it.
             guidance_schedule: "constant", or "linear" (growing with the share of generated tokens).
             temperature: scales the noise of each diffusion step (Harmon's scheduler only).
-            num_inference_steps: diffusion steps per round.
+            num_inference_steps: diffusion steps per round (default: the model's, 100 for the releases).
             num_images_per_prompt: images per prompt.
             generator: a `torch.Generator`; the same seed gives the same images.
             output_type: "pil", "np", "pt" (uint8) or "latent".
@@ -182,6 +182,7 @@ class HarmonPipeline(DiffusionPipeline):
             width, height = width or image.width, height or image.height
         height = height or self.model.config.image_size
         width = width or self.model.config.image_size
+        num_inference_steps = num_inference_steps or self.model.config.num_inference_steps
         self.check_inputs(prompt, negative_prompt, height, width, num_iter, guidance_schedule, num_inference_steps,
                           num_images_per_prompt, output_type, image, mask_image, callback_on_step_end_tensor_inputs)
         self._interrupt = False
