@@ -1,0 +1,389 @@
+"""The Harmon demo: a Gradio app to generate images, ask questions about an image, and inpaint.
+
+`build_demo(model)` returns the app, `launch(model)` serves it; the Hugging Face Space (`spaces/app.py`) and any
+other launcher share both. The model is a loaded `HarmonPipeline`, a folder or Hub id, or None for
+`$HARMON_MODEL`, else the bundled model.
+"""
+
+import inspect
+import queue
+import random
+import threading
+from pathlib import Path
+from typing import NamedTuple
+
+import gradio as gr
+import numpy as np
+import PIL.Image
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from .cli import CommandError, image_question, load_pipeline
+from .pipeline_harmon import HarmonPipeline
+
+
+# Limits that keep one request from holding the model for long while others wait.
+MAX_IMAGE_SIDE = 1024
+MAX_IMAGES_PER_PROMPT = 4
+MAX_ROUNDS = 256
+MAX_DIFFUSION_STEPS = 1000
+MAX_NEW_TOKENS = 1024
+MAX_SEED = 2**31 - 1
+MAX_UPLOAD_SIZE = "10mb"
+# Requests waiting beyond this many are turned away with "queue full" rather than waiting for minutes.
+MAX_QUEUE_SIZE = 32
+DEFAULT_NEW_TOKENS = 256
+
+EXAMPLES = Path(__file__).parent / "demo_examples"
+TWO_SHAPES = str(EXAMPLES / "red-circle-blue-square.png")
+STACKED_SHAPES = str(EXAMPLES / "green-triangle-yellow-square.png")
+
+# Every model call (generation, inpainting, answers) joins this one concurrency group of size 1: the model runs one
+# request at a time, the queue shows the others their place in line.
+MODEL_CONCURRENCY = dict(concurrency_id="model", concurrency_limit=1)
+
+
+def _pipeline_default(name: str):
+    """A sampling setting's default in `HarmonPipeline.__call__`, so the page starts where the pipeline does."""
+    return inspect.signature(HarmonPipeline.__call__).parameters[name].default
+
+
+def _user_error(message: str) -> gr.Error:
+    """An error in what the user asked: its message shows in the page, and no stack trace in the page or the log."""
+    return gr.Error(message, print_exception=False)
+
+
+class BackgroundRun:
+    """Runs `work(report, stop)` in a thread holding `lock`; iterating gives what it `report`s as it comes, then
+    raises what it raised, if anything; `result` is what it returned.
+
+    Gradio ends a handler that is a generator by closing it at a `yield`: when the user presses Stop or leaves the
+    page. Used as `with BackgroundRun(...) as run: for update in run: ... yield ...`, leaving the block sets `stop`;
+    the work checks it after every step, so the model is free again at once instead of finishing a result nobody
+    will see. The lock, not Gradio's concurrency slot, guards the model: a cancelled request gives its slot back
+    before its thread has finished its current step.
+    """
+
+    _FINISHED = object()
+
+    def __init__(self, work, lock: threading.Lock):
+        self.stop = threading.Event()
+        self.result = self._error = None
+        self._updates = queue.SimpleQueue()
+        threading.Thread(target=self._run, args=(work, lock), daemon=True).start()
+
+    def _run(self, work, lock):
+        try:
+            with lock:
+                if not self.stop.is_set():
+                    self.result = work(self._updates.put, self.stop)
+        except Exception as error:  # raised again in the handler's thread, where Gradio reports it
+            self._error = error
+        finally:
+            self._updates.put(self._FINISHED)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop.set()
+
+    def __iter__(self):
+        while (update := self._updates.get()) is not self._FINISHED:
+            yield update
+        if self._error is not None:
+            raise self._error
+
+
+class _AnswerStreamer(BaseStreamer):
+    """Reports the answer decoded so far after every token, for a chat window that grows token by token
+    (`TextStreamer` holds text back until a word ends)."""
+
+    def __init__(self, tokenizer, report):
+        self.tokenizer, self.report = tokenizer, report
+        self.token_ids = None  # `generate` puts the prompt first; the answer's tokens follow
+
+    def put(self, value):
+        if self.token_ids is None:
+            self.token_ids = []
+            return
+        self.token_ids += value.flatten().tolist()
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        # A character spread over several byte-level tokens decodes to U+FFFD until its last byte has come.
+        self.report(text.rstrip("\ufffd"))
+
+    def end(self):
+        pass
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends `generate` once `event` is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _text(message: dict) -> str:
+    """The text of a chat message as `gr.Chatbot` hands it over: its content is a list of parts."""
+    return "".join(part["text"] for part in message["content"] if part["type"] == "text")
+
+
+def _painted_mask(editor: dict, size: tuple[int, int]) -> PIL.Image.Image:
+    """White wherever the editor's layers have paint, at `size` (width, height). The box filter keeps a thin stroke:
+    a pixel is white if any painted pixel falls in it, so its patch is regenerated as the brush showed."""
+    painted = np.zeros(editor["background"].size[::-1], dtype=bool)
+    for layer in editor["layers"]:
+        painted |= np.asarray(layer.convert("RGBA").getchannel("A")) > 0
+    mask = PIL.Image.fromarray(painted.astype(np.uint8) * 255).resize(size, resample=PIL.Image.BOX)
+    return mask.point(lambda value: 255 if value else 0)
+
+
+class SamplingSettings(NamedTuple):
+    """The controls the Generate and Inpaint tabs share, in the order of their handlers' parameters."""
+
+    negative_prompt: gr.Textbox
+    guidance_scale: gr.Slider
+    num_iter: gr.Slider
+    num_inference_steps: gr.Slider
+    temperature: gr.Slider
+    seed: gr.Number
+    randomize_seed: gr.Checkbox
+
+
+class HarmonDemo:
+    """The app's handlers around one loaded pipeline; `blocks()` lays out the page."""
+
+    def __init__(self, pipeline: HarmonPipeline):
+        pipeline.set_progress_bar_config(disable=True)  # progress goes to the page, not the server's terminal
+        self.pipeline = pipeline
+        self.lock = threading.Lock()
+        config = pipeline.model.config
+        self.native_size, self.stride = config.image_size, config.vae_stride
+
+    # -- handlers: generators, so that Stop can end them between two steps -----------------------------------------
+
+    def generate(self, prompt, height, width, num_images, negative_prompt, guidance_scale, num_iter,
+                 num_inference_steps, temperature, seed, randomize_seed, progress=gr.Progress()):
+        """Yields (images, seed) for the gallery and the seed field."""
+        seed = self._seed(seed, randomize_seed)
+        images = yield from self._sample(
+            progress, prompt, seed, negative_prompt=negative_prompt, height=height, width=width,
+            num_images_per_prompt=num_images, guidance_scale=guidance_scale, num_iter=num_iter,
+            num_inference_steps=num_inference_steps, temperature=temperature,
+        )
+        yield images, seed
+
+    def inpaint(self, editor, prompt, negative_prompt, guidance_scale, num_iter, num_inference_steps, temperature,
+                seed, randomize_seed, progress=gr.Progress()):
+        """Yields (image, seed): the editor's background with its painted part regenerated."""
+        if not editor or editor["background"] is None:
+            raise _user_error("Upload an image, then paint over the part to regenerate.")
+        image = editor["background"].convert("RGB")
+        height, width = self._inpainting_size(image)
+        mask = _painted_mask(editor, (width, height))
+        if mask.getbbox() is None:
+            raise _user_error("Paint over the part of the image to regenerate with the brush.")
+        seed = self._seed(seed, randomize_seed)
+        images = yield from self._sample(
+            progress, prompt, seed, negative_prompt=negative_prompt, height=height, width=width, image=image,
+            mask_image=mask, guidance_scale=guidance_scale, num_iter=num_iter, num_inference_steps=num_inference_steps,
+            temperature=temperature,
+        )
+        yield images[0], seed
+
+    def answer(self, image, question, history, max_new_tokens):
+        """Yields (chat, question box): the chat with the answer so far to `question` about `image`, after the turns
+        already in `history`, token by token."""
+        if image is None:
+            raise _user_error("Upload an image to ask about.")
+        if not question.strip():
+            raise _user_error("Type a question.")
+        turns = [{"role": message["role"], "content": _text(message)} for message in history]
+        turns.append({"role": "user", "content": question})
+        messages = [image_question(turns[0]["content"]), *turns[1:]]  # the image belongs to the first question
+
+        def work(report, stop):
+            processor, model = self.pipeline.processor, self.pipeline.model
+            inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True),
+                               images=[image.convert("RGB")]).to(model.device)
+            stop_ids = processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+            model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
+                           streamer=_AnswerStreamer(processor.tokenizer, report),
+                           stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]))
+
+        yield turns + [{"role": "assistant", "content": ""}], ""
+        with BackgroundRun(work, self.lock) as run:
+            for answer in run:
+                yield turns + [{"role": "assistant", "content": answer}], gr.skip()
+
+    # -- shared steps ----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _seed(seed: int, randomize: bool) -> int:
+        return random.randint(0, MAX_SEED) if randomize else seed
+
+    def _inpainting_size(self, image: PIL.Image.Image) -> tuple[int, int]:
+        """(height, width) to inpaint `image` at: the model's image size for the longer side, the aspect ratio kept,
+        each side a whole number of patches."""
+        scale = self.native_size / max(image.size)
+        width, height = (max(self.stride, round(side * scale / self.stride) * self.stride) for side in image.size)
+        return height, width
+
+    def _sample(self, progress, prompt: str, seed: int, **settings):
+        """Runs the pipeline in the background, showing each finished round in `progress`. Before the first round
+        and after each one it yields (no change, seed) for the handler's outputs (images, seed field): the points
+        where Stop can end it; the seed in use shows at once. Returns the images."""
+        if not prompt.strip():
+            raise _user_error("Type a prompt.")
+        settings["negative_prompt"] = settings["negative_prompt"] or None  # an empty box means Harmon's own
+
+        def work(report, stop):
+            def after_round(pipeline, round_index, num_masked, tensors):
+                report(round_index + 1)
+                pipeline._interrupt = stop.is_set()
+                return tensors
+
+            generator = torch.Generator(device="cpu").manual_seed(seed)  # the same image on any device
+            return self.pipeline(prompt, generator=generator, callback_on_step_end=after_round, **settings).images
+
+        rounds = settings["num_iter"]
+        progress((0, rounds), desc="Generating", unit="rounds")
+        yield gr.skip(), seed  # Gradio can close a generator only once it has yielded: Stop works from the start
+        try:
+            with BackgroundRun(work, self.lock) as run:
+                for finished_rounds in run:
+                    progress((finished_rounds, rounds), desc="Generating", unit="rounds")
+                    yield gr.skip(), seed
+                return run.result
+        except ValueError as error:  # the pipeline's checks of the settings
+            raise _user_error(str(error)) from error
+
+    # -- page ------------------------------------------------------------------------------------------------------
+
+    def blocks(self) -> gr.Blocks:
+        with gr.Blocks(title="Harmon") as demo:
+            gr.Markdown("# Harmon\nOne model that generates images and answers questions about them. "
+                        f"Model: `{_model_label(self.pipeline.model.config.name_or_path)}`.")
+            with gr.Tab("Generate"):
+                self._generate_tab()
+            with gr.Tab("Understand"):
+                self._understand_tab()
+            with gr.Tab("Inpaint"):
+                self._inpaint_tab()
+        return demo.queue(max_size=MAX_QUEUE_SIZE)
+
+    def _generate_tab(self):
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle to the left of a blue square",
+                                    elem_id="generate-prompt")
+                run, stop = _run_and_stop_buttons("generate", "Generate")
+                with gr.Row():
+                    size = dict(minimum=self.stride, maximum=MAX_IMAGE_SIDE, step=self.stride, precision=0)
+                    height = gr.Number(self.native_size, label="Height", elem_id="height", **size)
+                    width = gr.Number(self.native_size, label="Width", elem_id="width", **size)
+                    num_images = gr.Slider(1, MAX_IMAGES_PER_PROMPT, value=1, step=1, precision=0, label="Images",
+                                           elem_id="num-images")
+                settings = _sampling_settings("generate")
+            gallery = gr.Gallery(label="Images", format="png", columns=2, object_fit="contain", elem_id="gallery")
+        gr.Examples([["a red circle to the left of a blue square"], ["a green triangle above a yellow square"],
+                     ["three purple stars on a white background"]], inputs=[prompt])
+        event = gr.on([run.click, prompt.submit], self.generate, inputs=[prompt, height, width, num_images, *settings],
+                      outputs=[gallery, settings.seed], show_progress_on=gallery, **MODEL_CONCURRENCY)
+        stop.click(None, cancels=[event])
+
+    def _understand_tab(self):
+        with gr.Row():
+            with gr.Column(scale=2):
+                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="chat-image")
+                max_new_tokens = gr.Slider(16, MAX_NEW_TOKENS, value=DEFAULT_NEW_TOKENS, step=1, precision=0,
+                                           label="Longest answer (tokens)", elem_id="max-new-tokens")
+            with gr.Column(scale=3):
+                chat = gr.Chatbot(label="Conversation", elem_id="chat")
+                question = gr.Textbox(label="Question", placeholder="What is in the image?", elem_id="question")
+                ask, stop = _run_and_stop_buttons("understand", "Ask")
+        gr.Examples([[TWO_SHAPES, "What shapes are in the image?"], [STACKED_SHAPES, "What colour is the triangle?"]],
+                    inputs=[image, question])
+        image.change(lambda: [], outputs=chat, queue=False)  # a conversation is about one image
+        event = gr.on([ask.click, question.submit], self.answer, inputs=[image, question, chat, max_new_tokens],
+                      outputs=[chat, question], show_progress="minimal", **MODEL_CONCURRENCY)
+        stop.click(None, cancels=[event])
+
+    def _inpaint_tab(self):
+        with gr.Row():
+            with gr.Column():
+                editor = gr.ImageMask(type="pil", label="Image: paint over what to regenerate",
+                                      sources=["upload", "clipboard"], layers=False, transforms=(),
+                                      elem_id="inpaint-editor")
+                prompt = gr.Textbox(label="Prompt", placeholder="a purple star", elem_id="inpaint-prompt")
+                run, stop = _run_and_stop_buttons("inpaint", "Inpaint")
+                settings = _sampling_settings("inpaint")
+            result = gr.Image(label="Result", format="png", interactive=False, height=420, elem_id="inpaint-result")
+        gr.Examples([[TWO_SHAPES, "a purple star"], [STACKED_SHAPES, "a red circle"]], inputs=[editor, prompt])
+        event = gr.on([run.click, prompt.submit], self.inpaint, inputs=[editor, prompt, *settings],
+                      outputs=[result, settings.seed], show_progress_on=result, **MODEL_CONCURRENCY)
+        stop.click(None, cancels=[event])
+
+
+def _model_label(name_or_path: str) -> str:
+    """A Hub id as it is; a local folder by its name only, so that the page shows no path of the server's."""
+    return Path(name_or_path).name if Path(name_or_path).is_dir() else name_or_path
+
+
+def _run_and_stop_buttons(tab: str, label: str) -> tuple[gr.Button, gr.Button]:
+    with gr.Row():
+        return (gr.Button(label, variant="primary", scale=3, elem_id=f"{tab}-run"),
+                gr.Button("Stop", variant="stop", scale=1, elem_id=f"{tab}-stop"))
+
+
+def _sampling_settings(tab: str) -> SamplingSettings:
+    """The settings, starting at the pipeline's defaults, in an accordion that opens on demand."""
+    with gr.Accordion("Settings", open=False, elem_id=f"{tab}-settings"):
+        negative_prompt = gr.Textbox(label="Negative prompt", placeholder="(Harmon's default: Generate an image.)",
+                                     elem_id=f"{tab}-negative-prompt")
+        with gr.Row():
+            guidance = gr.Slider(1.0, 10.0, value=_pipeline_default("guidance_scale"), step=0.1,
+                                 label="Guidance scale", elem_id=f"{tab}-guidance")
+            temperature = gr.Slider(0.1, 2.0, value=_pipeline_default("temperature"), step=0.05,
+                                    label="Temperature", elem_id=f"{tab}-temperature")
+        with gr.Row():
+            rounds = gr.Slider(1, MAX_ROUNDS, value=_pipeline_default("num_iter"), step=1, precision=0,
+                               label="Rounds (masked-autoregressive steps)", elem_id=f"{tab}-rounds")
+            steps = gr.Slider(1, MAX_DIFFUSION_STEPS, value=_pipeline_default("num_inference_steps"), step=1,
+                              precision=0, label="Diffusion steps per round", elem_id=f"{tab}-steps")
+        with gr.Row():
+            seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id=f"{tab}-seed")
+            randomize = gr.Checkbox(True, label="Randomize seed", elem_id=f"{tab}-randomize-seed")
+    return SamplingSettings(negative_prompt, guidance, rounds, steps, temperature, seed, randomize)
+
+
+def _unavailable_page(reason: str) -> gr.Blocks:
+    with gr.Blocks(title="Harmon") as demo:
+        gr.Markdown(f"# Harmon\n**No model is loaded.** {reason}\n\nSet the environment variable `HARMON_MODEL` to a "
+                    "model folder or Hugging Face Hub id and restart the app.", elem_id="no-model")
+    return demo
+
+
+def build_demo(model: HarmonPipeline | str | None = None) -> gr.Blocks:
+    """The demo for `model`: a loaded pipeline, a folder or Hub id, or None for $HARMON_MODEL, else the bundled
+    model. If none can be loaded, the page says why."""
+    if isinstance(model, HarmonPipeline):
+        return HarmonDemo(model).blocks()
+    try:
+        pipeline = load_pipeline(model)
+    except CommandError as error:
+        return _unavailable_page(str(error))
+    return HarmonDemo(pipeline).blocks()
+
+
+def launch(model: HarmonPipeline | str | None = None, host: str = "127.0.0.1", port: int = 7860,
+           **options) -> gr.Blocks:
+    """Serves the demo at http://host:port. `options` go to `gr.Blocks.launch` (`prevent_thread_lock=True` returns
+    at once, with the app running in the background)."""
+    demo = build_demo(model)
+    demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD_SIZE, **options)
+    return demo

@@ -1,0 +1,369 @@
+"""The demo (the Hugging Face Space) in a real browser: headless Chromium driven by Selenium.
+
+The app runs in this process, loaded from $HARMON_MODEL like the Space, so the tests can also see what reached the
+pipeline. Screenshots go to test-artifacts/space/.
+"""
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from selenium import webdriver
+from selenium.common.exceptions import ElementClickInterceptedException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+
+import harmon_hf
+from harmon_hf import HarmonPipeline
+from harmon_hf.demo import TWO_SHAPES, launch
+
+from conftest import REPO
+
+ARTIFACTS = REPO / "test-artifacts" / "space"
+FAST = {"rounds": 4, "steps": 6}  # the tiny model's generation in a fraction of a second
+TIMEOUT = 60  # seconds for anything the page waits for; the 2-core machine may be busy with other work
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def serve():
+    """Starts the demo with the environment given, on a free port; returns its URL. All are closed at the end."""
+    demos = []
+
+    def start(**environment):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+            patch.delenv("HARMON_MODEL", raising=False)
+            for name, value in environment.items():
+                patch.setenv(name, value)
+            port = _free_port()
+            demos.append(launch(port=port, prevent_thread_lock=True, quiet=True))
+        return f"http://127.0.0.1:{port}"
+
+    # One thread: the tiny model's many small operations only lose when two threads wait on each other, which
+    # they do for whole scheduler time slices when other work shares the two cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield start
+    torch.set_num_threads(threads)
+    for demo in demos:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def app(serve, harmon_folder):
+    return serve(HARMON_MODEL=str(harmon_folder))
+
+
+@pytest.fixture(scope="module")
+def expected_pipe(harmon_folder):
+    """The same model loaded outside the app, for the images the page should show."""
+    pipeline = HarmonPipeline.from_pretrained(harmon_folder)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+class Page:
+    """One browser session on the demo, with the steps a user takes."""
+
+    def __init__(self, url: str):
+        chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+        if not (chromium and driver):
+            pytest.fail("the Space tests need Chromium and its driver: apt-get install chromium chromium-driver")
+        options = webdriver.ChromeOptions()
+        options.binary_location = chromium
+        for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+            options.add_argument(argument)
+        self.driver = webdriver.Chrome(options=options, service=Service(driver))
+        self.driver.get(url)
+        self.wait_for(lambda: self.driver.find_elements(By.TAG_NAME, "footer"), message="the app to load")
+
+    def close(self):
+        self.driver.quit()
+
+    def wait_for(self, condition, timeout: float = TIMEOUT, message: str = ""):
+        deadline = time.monotonic() + timeout
+        while not (result := condition()):
+            if time.monotonic() > deadline:
+                self.screenshot(f"timed-out-{time.strftime('%H%M%S')}")
+                pytest.fail(f"timed out waiting for {message or condition}; the page shows:\n{self.text()}")
+            time.sleep(0.1)
+        return result
+
+    def text(self) -> str:
+        return self.driver.find_element(By.TAG_NAME, "body").text
+
+    def element(self, css: str):
+        """The element, once the page has rendered it (the content of an accordion comes when it opens)."""
+        return self.wait_for(lambda: self.driver.find_elements(By.CSS_SELECTOR, css), message=css)[0]
+
+    def click(self, css: str):
+        """Clicks the element once nothing covers it (the layout settles while the page loads its examples)."""
+
+        def clicked():
+            try:
+                self.element(css).click()
+                return True
+            except ElementClickInterceptedException:
+                return False
+
+        self.wait_for(clicked, message=f"click {css}")
+
+    def open_tab(self, name: str):
+        tabs = lambda: [tab for tab in self.driver.find_elements(By.CSS_SELECTOR, "[role=tab]") if tab.text == name]
+        self.wait_for(tabs, message=f"the {name} tab")[0].click()
+
+    def type(self, elem_id: str, text: str, submit: bool = False):
+        box = self.element(f"#{elem_id} textarea")
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(text, *([Keys.ENTER] if submit else []))
+
+    def set_number(self, elem_id: str, value):
+        field = self.element(f"#{elem_id} input[type=number]")
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(str(value), Keys.TAB)  # Gradio takes the value when the field loses focus
+
+    def set_sampling(self, tab: str, rounds: int, steps: int, seed: int | None = None):
+        self.click(f"#{tab}-settings button")  # opens the accordion
+        self.set_number(f"{tab}-rounds", rounds)
+        self.set_number(f"{tab}-steps", steps)
+        if seed is not None:
+            self.click(f"#{tab}-randomize-seed input")
+            self.set_number(f"{tab}-seed", seed)
+
+    def idle(self, elem_id: str) -> bool:
+        """Whether the component shows no request in progress."""
+        return "hide" in self.element(f"#{elem_id} [data-testid=status-tracker]").get_attribute("class").split()
+
+    def upload(self, elem_id: str, path):
+        self.element(f"#{elem_id} input[type=file]").send_keys(str(path))
+
+    def images(self, elem_id: str) -> list[Image.Image]:
+        """The images shown in a Gallery or Image output, as the server sent them."""
+        shown = self.driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} img")
+        sources = [image.get_attribute("src") for image in shown]
+        return [Image.open(io.BytesIO(urllib.request.urlopen(source).read())) for source in sources]
+
+    def screenshot(self, name: str):
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.driver.execute_script("window.scrollTo(0, 0)")
+        self.driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
+
+
+@pytest.fixture
+def open_page():
+    pages = []
+
+    def open_(url: str) -> Page:
+        pages.append(Page(url))
+        return pages[-1]
+
+    yield open_
+    for page in pages:
+        page.close()
+
+
+@pytest.fixture
+def pipeline_calls(monkeypatch):
+    """Every pipeline call the app makes: the rounds it finished, whether it returned, the token mask it inpainted."""
+    calls = []
+    call, prepare_inpainting = HarmonPipeline.__call__, HarmonPipeline.prepare_inpainting
+
+    def recording_call(pipeline, *args, callback_on_step_end=None, **kwargs):
+        if callback_on_step_end is None:  # not the app's call: the test's own, for the expected image
+            return call(pipeline, *args, **kwargs)
+        record = {"rounds": 0, "finished": False}
+        calls.append(record)
+
+        def counting_callback(*callback_args):
+            record["rounds"] += 1
+            return callback_on_step_end(*callback_args)
+
+        output = call(pipeline, *args, callback_on_step_end=counting_callback, **kwargs)
+        record["finished"] = True
+        return output
+
+    def recording_prepare_inpainting(pipeline, *args):
+        latents, token_mask = prepare_inpainting(pipeline, *args)
+        calls[-1]["token_mask"] = token_mask[0]
+        return latents, token_mask
+
+    monkeypatch.setattr(HarmonPipeline, "__call__", recording_call)
+    monkeypatch.setattr(HarmonPipeline, "prepare_inpainting", recording_prepare_inpainting)
+    return calls
+
+
+def _assert_shows(images: list[Image.Image], pipe, prompt: str, seed: int, height: int = 64, width: int = 64):
+    """The page's images are exactly the pipeline's for these settings: the request reached it as typed."""
+    expected = pipe(prompt, height=height, width=width, num_iter=FAST["rounds"], num_inference_steps=FAST["steps"],
+                    num_images_per_prompt=len(images), generator=torch.Generator().manual_seed(seed)).images
+    for shown, made in zip(images, expected, strict=True):
+        assert np.array_equal(np.asarray(shown.convert("RGB")), np.asarray(made))
+
+
+def _generate(page: Page, prompt: str, seed: int, height: int = 64, width: int = 64, images: int = 1,
+              rounds: int = FAST["rounds"], steps: int = FAST["steps"]):
+    page.type("generate-prompt", prompt)
+    page.set_number("height", height)
+    page.set_number("width", width)
+    page.set_number("num-images", images)
+    page.set_sampling("generate", rounds, steps, seed)
+    page.click("#generate-run")
+
+
+def test_generate_shows_the_images_asked_for(app, open_page, expected_pipe):
+    page = open_page(app)
+    _generate(page, "a red circle to the left of a blue square", seed=5, height=32, width=64, images=2)
+    images = page.wait_for(lambda: page.images("gallery"), message="the generated images")
+    page.screenshot("generate")
+    assert [image.size for image in images] == [(64, 32), (64, 32)]
+    _assert_shows(images, expected_pipe, "a red circle to the left of a blue square", seed=5, height=32, width=64)
+    assert page.element("#generate-seed input").get_attribute("value") == "5"
+
+
+def test_an_invalid_size_is_explained_in_the_page(app, open_page):
+    page = open_page(app)
+    _generate(page, "a red circle", seed=0, height=40)
+    page.wait_for(lambda: "height must be a positive multiple of 16, got 40" in page.text(), message="the error")
+    page.screenshot("generate-invalid-size")
+    assert "Traceback" not in page.driver.page_source
+    assert not page.images("gallery")
+
+
+def test_understand_streams_the_answer_token_by_token(app, open_page):
+    page = open_page(app)
+    page.open_tab("Understand")
+    page.upload("chat-image", TWO_SHAPES)
+    page.wait_for(lambda: page.driver.find_elements(By.CSS_SELECTOR, "#chat-image img"), message="the upload")
+    page.set_number("max-new-tokens", 32)
+    # Every text the answer shows on its way, as the browser renders it.
+    page.driver.execute_script("""
+        window.answers = [];
+        new MutationObserver(() => {
+            const bot = document.querySelectorAll('#chat [data-testid=bot]');
+            const text = bot.length ? bot[bot.length - 1].innerText : '';
+            if (text && text !== window.answers[window.answers.length - 1]) window.answers.push(text);
+        }).observe(document.querySelector('#chat'), {subtree: true, childList: true, characterData: true});
+    """)
+    page.type("question", "What shapes are in the image?", submit=True)
+    bots = lambda: page.driver.find_elements(By.CSS_SELECTOR, "#chat [data-testid=bot]")
+    page.wait_for(lambda: len(bots()) == 1 and bots()[0].text and page.idle("chat"), message="the answer")
+    answers = page.driver.execute_script("return window.answers")
+    assert answers[-1] == bots()[0].text
+    assert len(answers) >= 8 and len(answers[0]) < len(answers[-1]) / 2, answers  # it grew token by token
+
+    page.type("question", "And what colour is the square?", submit=True)
+    page.wait_for(lambda: len(bots()) == 2 and bots()[1].text and page.idle("chat"), message="the second answer")
+    users = page.driver.find_elements(By.CSS_SELECTOR, "#chat [data-testid=user]")
+    assert [user.text for user in users] == ["What shapes are in the image?", "And what colour is the square?"]
+    page.screenshot("understand")
+
+
+def test_inpaint_regenerates_the_painted_region(app, open_page, pipeline_calls):
+    page = open_page(app)
+    page.open_tab("Inpaint")
+    page.upload("inpaint-editor", TWO_SHAPES)
+    # The editor shows its upload prompt until the image is on the canvas.
+    page.wait_for(lambda: "Upload an image" not in page.element("#inpaint-editor").text, message="the upload")
+    time.sleep(0.5)  # then it zooms the image to fit the canvas
+    canvas = page.element("#inpaint-editor canvas")
+    # A stroke from left of the middle towards it, on the left half of the (square, centred) image.
+    stroke = ActionChains(page.driver).move_to_element_with_offset(canvas, -110, 0).click_and_hold()
+    for _ in range(7):
+        stroke = stroke.move_by_offset(10, 0)
+    stroke.release().perform()
+    page.type("inpaint-prompt", "a purple star")
+    page.set_sampling("inpaint", seed=1, **FAST)
+    page.click("#inpaint-run")
+    result = page.wait_for(lambda: page.images("inpaint-result"), message="the inpainted image")[0]
+    page.screenshot("inpaint")
+
+    assert result.size == (64, 64)  # the model's image size
+    (call,) = pipeline_calls
+    token_mask = call["token_mask"].reshape(4, 4)  # 64 px / 16 px patches
+    assert 0 < token_mask.sum() < 8, token_mask
+    assert token_mask[:, 2:].sum() == 0, token_mask  # the right half, where nothing was painted, is kept
+
+
+def test_stop_ends_a_generation_early(app, open_page, pipeline_calls):
+    page = open_page(app)
+    _generate(page, "a red circle", seed=0, height=128, width=128, rounds=64, steps=1000)  # a minute, unstopped
+    page.wait_for(lambda: "/64 rounds" in page.element("#gallery").text, message="live progress")
+    page.screenshot("generate-progress")
+    page.click("#generate-stop")
+    page.wait_for(lambda: pipeline_calls and pipeline_calls[-1]["finished"], message="the model to stop")
+    assert pipeline_calls[-1]["rounds"] < 64
+    assert not page.images("gallery")
+    assert "Error" not in page.text()
+
+
+def test_sessions_at_once_each_get_their_own_images(app, open_page, expected_pipe, pipeline_calls):
+    sessions = 3
+    pages = list(ThreadPoolExecutor(sessions).map(lambda _: open_page(app), range(sessions)))
+    ready = threading.Barrier(sessions, timeout=TIMEOUT)
+
+    def use(index: int):
+        page = pages[index]
+        page.type("generate-prompt", f"session {index}: a red circle")
+        page.set_sampling("generate", seed=index, **FAST)
+        ready.wait()  # all three ask at the same moment
+        page.click("#generate-run")
+        images = page.wait_for(lambda: page.images("gallery"), message=f"session {index}'s image")
+        page.screenshot(f"session-{index}")
+        return images, page.text()
+
+    results = list(ThreadPoolExecutor(sessions).map(use, range(sessions)))
+    assert len(pipeline_calls) == sessions
+    for index, (images, text) in enumerate(results):
+        assert "Error" not in text
+        assert len(images) == 1
+        _assert_shows(images, expected_pipe, f"session {index}: a red circle", seed=index)
+
+
+def test_without_a_model_the_page_says_what_to_do(serve, open_page, monkeypatch):
+    monkeypatch.setattr(harmon_hf, "bundled_model_path", lambda: None)
+    page = open_page(serve())
+    message = page.element("#no-model").text
+    page.screenshot("no-model")
+    assert "No model is loaded" in message and "HARMON_MODEL" in message
+
+
+def test_space_entry_point_serves_on_localhost(harmon_folder):
+    """`python spaces/app.py --port P` with $HARMON_MODEL, as the Space (and a developer) starts it."""
+    port = _free_port()
+    environment = {**os.environ, "HARMON_MODEL": str(harmon_folder), "GRADIO_ANALYTICS_ENABLED": "False"}
+    environment.pop("GRADIO_SERVER_NAME", None)
+    server = subprocess.Popen([sys.executable, str(REPO / "spaces" / "app.py"), "--port", str(port)],
+                              env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                config = urllib.request.urlopen(f"http://127.0.0.1:{port}/config").read().decode()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the app did not start"
+                time.sleep(0.5)
+        assert f"Model: `{harmon_folder.name}`" in config  # the page names the model it serves
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
