@@ -45,7 +45,7 @@ MODEL_CONCURRENCY = dict(concurrency_id="model", concurrency_limit=1)
 
 
 def _pipeline_default(name: str):
-    """A sampling setting's default in `HarmonPipeline.__call__`, so the page starts where the pipeline does."""
+    """A sampling setting's default in `HarmonPipeline.__call__`, so that the page starts where the pipeline does."""
     return inspect.signature(HarmonPipeline.__call__).parameters[name].default
 
 
@@ -163,6 +163,7 @@ class HarmonDemo:
         self.lock = threading.Lock()
         config = pipeline.model.config
         self.native_size, self.stride = config.image_size, config.vae_stride
+        self.diffusion_steps = config.num_inference_steps  # the model's default for sampling
 
     # -- handlers: generators, so that Stop can end them between two steps -----------------------------------------
 
@@ -288,7 +289,7 @@ class HarmonDemo:
                     width = gr.Number(self.native_size, label="Width", elem_id="width", **size)
                     num_images = gr.Slider(1, MAX_IMAGES_PER_PROMPT, value=1, step=1, precision=0, label="Images",
                                            elem_id="num-images")
-                settings = _sampling_settings("generate")
+                settings = _sampling_settings("generate", self.diffusion_steps)
             gallery = gr.Gallery(label="Images", format="png", columns=2, object_fit="contain", elem_id="gallery")
         gr.Examples([["a red circle to the left of a blue square"], ["a green triangle above a yellow square"],
                      ["three purple stars on a white background"]], inputs=[prompt])
@@ -321,7 +322,7 @@ class HarmonDemo:
                                       elem_id="inpaint-editor")
                 prompt = gr.Textbox(label="Prompt", placeholder="a purple star", elem_id="inpaint-prompt")
                 run, stop = _run_and_stop_buttons("inpaint", "Inpaint")
-                settings = _sampling_settings("inpaint")
+                settings = _sampling_settings("inpaint", self.diffusion_steps)
             result = gr.Image(label="Result", format="png", interactive=False, height=420, elem_id="inpaint-result")
         gr.Examples([[TWO_SHAPES, "a purple star"], [STACKED_SHAPES, "a red circle"]], inputs=[editor, prompt])
         event = gr.on([run.click, prompt.submit], self.inpaint, inputs=[editor, prompt, *settings],
@@ -340,8 +341,9 @@ def _run_and_stop_buttons(tab: str, label: str) -> tuple[gr.Button, gr.Button]:
                 gr.Button("Stop", variant="stop", scale=1, elem_id=f"{tab}-stop"))
 
 
-def _sampling_settings(tab: str) -> SamplingSettings:
-    """The settings, starting at the pipeline's defaults, in an accordion that opens on demand."""
+def _sampling_settings(tab: str, diffusion_steps: int) -> SamplingSettings:
+    """The settings in an accordion that opens on demand, starting at the pipeline's defaults and the model's
+    `diffusion_steps`."""
     with gr.Accordion("Settings", open=False, elem_id=f"{tab}-settings"):
         negative_prompt = gr.Textbox(label="Negative prompt", placeholder="(Harmon's default: Generate an image.)",
                                      elem_id=f"{tab}-negative-prompt")
@@ -353,8 +355,8 @@ def _sampling_settings(tab: str) -> SamplingSettings:
         with gr.Row():
             rounds = gr.Slider(1, MAX_ROUNDS, value=_pipeline_default("num_iter"), step=1, precision=0,
                                label="Rounds (masked-autoregressive steps)", elem_id=f"{tab}-rounds")
-            steps = gr.Slider(1, MAX_DIFFUSION_STEPS, value=_pipeline_default("num_inference_steps"), step=1,
-                              precision=0, label="Diffusion steps per round", elem_id=f"{tab}-steps")
+            steps = gr.Slider(1, MAX_DIFFUSION_STEPS, value=diffusion_steps, step=1, precision=0,
+                              label="Diffusion steps per round", elem_id=f"{tab}-steps")
         with gr.Row():
             seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id=f"{tab}-seed")
             randomize = gr.Checkbox(True, label="Randomize seed", elem_id=f"{tab}-randomize-seed")
