@@ -78,7 +78,7 @@ class HarmonTrainer(Trainer):
         self.skipped_samples.update(inputs.pop("skipped", {}))
         outputs = model(task_batches=inputs, task_weights=self.recipe.loss_weights)
         for task, loss in outputs.task_losses.items():
-            self._task_loss_sums[task] += loss.detach().float().item()
+            self._task_loss_sums[task] += loss.detach().float()  # a tensor: no device sync until the next log
             self._task_loss_counts[task] += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
@@ -91,7 +91,7 @@ class HarmonTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # training logs: add each task's mean loss since the last log, and the skipped samples
             for task, count in self._task_loss_counts.items():
-                logs[f"loss_{task}"] = round(self._task_loss_sums[task] / count, 6)
+                logs[f"loss_{task}"] = round(float(self._task_loss_sums[task]) / count, 6)
             self._task_loss_sums.clear()
             self._task_loss_counts.clear()
             for reason, count in self.skipped_samples.items():

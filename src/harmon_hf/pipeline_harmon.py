@@ -116,8 +116,9 @@ class HarmonPipeline(DiffusionPipeline):
     def prepare_inpainting(self, image, mask_image, height, width, batch):
         """Latents of `image` resized to height x width, and the token mask: a token is regenerated when any pixel of
         its patch is white (> 127) in `mask_image`."""
-        image = image.convert("RGB").resize((width, height), resample=self.processor.image_processor.resample)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+        image_processor = self.processor.image_processor
+        image = image.convert("RGB").resize((width, height), resample=image_processor.resample)
+        pixels = torch.from_numpy(image_processor.normalize(np.asarray(image)))[None]
         latents = self.model.encode_images(pixels.to(self.device, self.model.dtype)).float()
         stride = self.model.config.vae_stride
         mask = np.asarray(mask_image.convert("L").resize((width, height), resample=PIL.Image.NEAREST)) > 127
