@@ -78,6 +78,8 @@ class HarmonConfig(PreTrainedConfig):
         num_train_timesteps (`int`): steps of the diffusion process the head was trained on.
         num_inference_steps (`int`): respaced diffusion steps used for sampling by default.
         diffusion_batch_mul (`int`): each target token is repeated this many times in the diffusion loss.
+        diffusion_clip_range (`float`, *optional*): when set, sampling clamps the head's predicted clean latent to
+            +-this value at every step (improved DDPM's `clip_denoised`); None (no clamp) for the released models.
         mask_ratio_min (`float`): lower end of the truncated-normal mask ratio in text-to-image training.
         visual_gradient_scale (`float`): gradient scale on the visual features in understanding training.
         image_size (`int`): default image side in pixels for generation and understanding.
@@ -109,6 +111,7 @@ class HarmonConfig(PreTrainedConfig):
     num_train_timesteps: int = 1000
     num_inference_steps: int = 100
     diffusion_batch_mul: int = 4
+    diffusion_clip_range: float | None = None
     mask_ratio_min: float = 0.7
     visual_gradient_scale: float = 0.1
     image_size: int = 512

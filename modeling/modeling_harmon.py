@@ -410,7 +410,11 @@ class HarmonModel(HarmonPreTrainedModel):
         self.vae.requires_grad_(False)
         # Not a module: its float64 tables stay on the CPU even when the weights are created on the meta device.
         with torch.device("cpu"):
-            self.noise_scheduler = HarmonDiffusionScheduler(num_train_timesteps=config.num_train_timesteps)
+            self.noise_scheduler = HarmonDiffusionScheduler(
+                num_train_timesteps=config.num_train_timesteps,
+                clip_sample=config.diffusion_clip_range is not None,
+                clip_sample_range=config.diffusion_clip_range or 1.0,
+            )
         self.post_init()
 
     def get_input_embeddings(self):

@@ -38,6 +38,7 @@ class HarmonDiffusionScheduler(DDPMScheduler):
         prediction_type: str = "epsilon",
         timestep_spacing: str = "linspace",
         clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
     ):
         super().__init__(
             num_train_timesteps=num_train_timesteps,
@@ -46,6 +47,7 @@ class HarmonDiffusionScheduler(DDPMScheduler):
             prediction_type=prediction_type,
             timestep_spacing=timestep_spacing,
             clip_sample=clip_sample,
+            clip_sample_range=clip_sample_range,
         )
         if (variance_type, prediction_type) != ("learned_range", "epsilon"):
             raise ValueError(
@@ -103,13 +105,16 @@ class HarmonDiffusionScheduler(DDPMScheduler):
         )
         return mean, self._coefficient("posterior_log_variance", timesteps, x_t).expand_as(x_t)
 
-    def model_mean_log_variance(self, model_output, x_t, timesteps):
-        """Predicted x_0, and mean and log-variance of p(x_{t-1} | x_t) for a model output `[epsilon, v]`."""
+    def model_mean_log_variance(self, model_output, x_t, timesteps, clip: bool = False):
+        """Predicted x_0, and mean and log-variance of p(x_{t-1} | x_t) for a model output `[epsilon, v]`; `clip`
+        clamps the predicted x_0 to +-clip_sample_range (improved DDPM's `clip_denoised`)."""
         epsilon, variance_value = model_output.split(x_t.shape[-1], dim=-1)
         pred_original = (
             self._coefficient("sqrt_recip_alpha_bar", timesteps, x_t) * x_t
             - self._coefficient("sqrt_recipm1_alpha_bar", timesteps, x_t) * epsilon
         )
+        if clip:
+            pred_original = pred_original.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         mean, min_log = self.posterior_mean_log_variance(pred_original, x_t, timesteps)
         max_log = self._coefficient("log_beta", timesteps, x_t)
         fraction = (variance_value + 1) / 2
@@ -126,7 +131,10 @@ class HarmonDiffusionScheduler(DDPMScheduler):
         temperature: float = 1.0,
     ) -> HarmonSchedulerOutput | tuple:
         """One reverse step. `variance_noise` replaces the noise drawn from `generator`; `temperature` scales it."""
-        pred_original, mean, log_variance = self.model_mean_log_variance(model_output, sample, timestep)
+        # Sampling only (the variational bound in training never clips). Near t = T, 1 / sqrt(alpha_bar) is about 2e4,
+        # so a head that is not exact there sends x_0, and with it every later step, far out of range unless clipped.
+        pred_original, mean, log_variance = self.model_mean_log_variance(model_output, sample, timestep,
+                                                                          clip=self.config.clip_sample)
         prev_sample = mean
         if int(timestep) > 0:
             if variance_noise is None:

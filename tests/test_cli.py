@@ -114,7 +114,6 @@ def test_prompts_file_in_geneval_layout_resumes_and_shards(harmon_folder, tmp_pa
         (["generate", "x", "--model", "/no/such/model"], "cannot load model '/no/such/model'"),
         (["generate", "--prompts", "missing.jsonl", "--model", "MODEL"], "no such file: missing.jsonl"),
         (["generate", "--model", "MODEL"], "give either a PROMPT or --prompts"),
-        (["generate", "x"], "no model given"),
     ],
 )
 def test_bad_input_exits_with_one_line(harmon_folder, tmp_path, monkeypatch, arguments, fragment):
@@ -122,6 +121,20 @@ def test_bad_input_exits_with_one_line(harmon_folder, tmp_path, monkeypatch, arg
     (tmp_path / "notes.txt").write_text("not a picture")
     arguments = [str(harmon_folder) if argument == "MODEL" else argument for argument in arguments]
     assert_one_line_error(harmon(*arguments, env={"HARMON_MODEL": ""}), fragment)
+
+
+def test_no_model_anywhere_is_one_line_error(monkeypatch, capsys):
+    import harmon_hf
+    from harmon_hf.cli import main
+
+    monkeypatch.setenv("HARMON_MODEL", "")
+    monkeypatch.setattr(harmon_hf, "bundled_model_path", lambda: None)  # a package built without the bundled model
+    assert main(["generate", "x"]) == 1
+    assert "no model given" in capsys.readouterr().err
+
+
+def test_eval_refuses_too_few_samples(harmon_folder):
+    assert_one_line_error(harmon("eval", "shapes", "--n", "2", "--model", harmon_folder), "--n must be at least 5")
 
 
 def test_help_explains_every_flag():

@@ -208,3 +208,31 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model, golden):
         gradients.append([p.grad.clone() for p in model.model.mar_decoder.parameters()])
     for plain, checkpointed in zip(*gradients):
         assert torch.allclose(plain, checkpointed, atol=1e-6)
+
+
+def test_clip_range_bounds_the_predicted_latent_in_sampling_only(tiny_model):
+    from harmon_hf import HarmonModel
+    from harmon_hf.modeling import HarmonDiffusionScheduler
+
+    clipped = HarmonDiffusionScheduler(clip_sample=True, clip_sample_range=5.0)
+    plain = HarmonDiffusionScheduler()
+    for scheduler in (clipped, plain):
+        scheduler.set_timesteps(100)
+    sample = torch.randn(4, 8)
+    # At t = 999 an epsilon off by 0.05 puts x_0 about 1e3 away: the released sampler follows it, the clipped one not.
+    output = torch.cat([sample + 0.05, torch.zeros(4, 8)], dim=-1)
+    first = clipped.timesteps[0]
+    assert clipped.step(output, first, sample).pred_original_sample.abs().max() <= 5.0
+    assert plain.step(output, first, sample).pred_original_sample.abs().max() > 500
+    x_start, noise = torch.randn(4, 8), torch.randn(4, 8)
+    timesteps = torch.full((4,), 999)
+    x_t = plain.add_noise(x_start, noise, timesteps)
+    training = [HarmonDiffusionScheduler(clip_sample=c, clip_sample_range=5.0) for c in (True, False)]
+    bounds = [s.variational_bound(torch.cat([noise + 0.05, torch.zeros(4, 8)], -1), x_start, x_t, timesteps)
+              for s in training]
+    assert torch.equal(bounds[0], bounds[1])  # the training loss never clips
+    config = copy.deepcopy(tiny_model.config)
+    config.diffusion_clip_range = 5.0
+    model_scheduler = HarmonModel(config).make_sampling_scheduler()
+    assert model_scheduler.config.clip_sample and model_scheduler.config.clip_sample_range == 5.0
+    assert not tiny_model.model.make_sampling_scheduler().config.clip_sample  # the released models: as the reference

@@ -65,9 +65,13 @@ def _release_rows(data_info: str, caption_folder: str | None, caption_key: str):
         yield row
 
 
-def open_source(source: DataSource) -> IterableDataset:
-    """The raw rows of a source, streamed."""
+def open_source(source: DataSource, seed: str = "0") -> IterableDataset:
+    """The raw rows of a source, streamed. `seed` seeds generated sources (the shapes world)."""
     path = Path(source.path)
+    if source.format == "shapes":  # the synthetic world, rendered on the fly
+        from harmon_hf.shapes.world import shapes_dataset
+
+        return shapes_dataset(split=source.path, seed=seed)
     if source.format == "harmon_release":
         return IterableDataset.from_generator(
             _release_rows,
@@ -257,7 +261,7 @@ def build_training_stream(recipe: Recipe, processor, rank: int = 0, world_size: 
     for index, source in enumerate(recipe.data):
         if source.ratio == 0:
             continue
-        raw = open_source(source)
+        raw = open_source(source, seed=f"{recipe.seed}/{index}")
         if source.shuffle_buffer:
             raw = raw.shuffle(seed=recipe.seed + index, buffer_size=source.shuffle_buffer)
         builder = SampleBuilder(recipe, source, index, processor)

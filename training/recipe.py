@@ -9,7 +9,7 @@ import yaml
 
 
 TASKS = ("text_to_image", "image_to_text", "text")
-FORMATS = ("auto", "parquet", "json", "csv", "imagefolder", "webdataset", "harmon_release", "hub")
+FORMATS = ("auto", "parquet", "json", "csv", "imagefolder", "webdataset", "harmon_release", "hub", "shapes")
 # The modules of HarmonModel a recipe can train, freeze or give a learning rate. The LM head is tied to the
 # embeddings of the language model, and the VAE is always frozen.
 MODULES = ("language_model", "mar_encoder", "mar_decoder", "diffusion_head", "proj_in", "proj_out")
@@ -20,7 +20,7 @@ RECIPES_FOLDER = Path(__file__).parent / "recipes"
 class DataSource:
     """One stream of training samples for one task, drawn with probability `ratio` in the mix."""
 
-    path: str  # Hub dataset id, a file, a glob, or a folder
+    path: str  # Hub dataset id, a file, a glob, or a folder; with format "shapes": the split, train or heldout
     task: str  # text_to_image | image_to_text | text
     ratio: float
     format: str = "auto"
@@ -96,8 +96,9 @@ class Recipe:
     def load(cls, path: "str | Path", overrides: list[str] = ()) -> "Recipe":
         """Read a recipe file (or the name of a bundled recipe) and apply `key=value` overrides (dotted keys)."""
         path = Path(path)
-        if not path.is_file() and (RECIPES_FOLDER / f"{path.stem}.yaml").is_file() and path.parent == Path("."):
-            path = RECIPES_FOLDER / f"{path.stem}.yaml"
+        bundled = RECIPES_FOLDER / path.with_suffix(".yaml")
+        if not path.is_file() and not path.is_absolute() and bundled.is_file():
+            path = bundled
         if not path.is_file():
             raise ValueError(f"no such recipe: {path}")
         values = yaml.safe_load(path.read_text()) or {}

@@ -1,4 +1,4 @@
-"""The `harmon` command: generate, describe, chat, inpaint and convert."""
+"""The `harmon` command: generate, describe, chat, inpaint, train, eval and convert."""
 
 import argparse
 import json
@@ -9,6 +9,7 @@ from pathlib import Path
 
 
 MODEL_ENVIRONMENT_VARIABLE = "HARMON_MODEL"
+DPM_SOLVER_STEPS = 20  # diffusion-head steps of `harmon eval --scheduler dpm-solver` unless --steps says otherwise
 
 
 class CommandError(Exception):
@@ -249,6 +250,35 @@ def _inpaint(args):
         print(f"wrote {path} ({result.width}x{result.height})")
 
 
+def _evaluate(args):
+    from .shapes.evaluate import format_table, shapes_eval
+
+    if args.n < 5:
+        raise CommandError(f"--n must be at least 5 (one sample per category), got {args.n}")
+    pipeline = load_pipeline(args.model)
+    sampling = {"num_inference_steps": args.steps}
+    if args.rounds is not None:
+        sampling["num_iter"] = args.rounds
+    if args.scheduler == "dpm-solver":
+        from diffusers import DPMSolverMultistepScheduler
+
+        pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config, variance_type=None)
+        sampling["num_inference_steps"] = args.steps or DPM_SOLVER_STEPS
+    results = shapes_eval(pipeline, args.n, args.seed, **sampling)
+    results["sampler"] = {"scheduler": args.scheduler, **sampling}
+    print(format_table(results))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _shapes(args):
+    from .shapes.build import build_initial_model
+
+    print(f"wrote {build_initial_model(args.output, vae_steps=args.vae_steps, seed=args.seed)}")
+
+
 def _train(args):
     from .training import Recipe, train
 
@@ -351,6 +381,29 @@ def build_parser() -> argparse.ArgumentParser:
     export_lora.add_argument("--adapter", required=True, help="the adapter folder saved by harmon train")
     export_lora.add_argument("--output", required=True, help="folder to write the merged model to")
     export_lora.set_defaults(run=_export_lora)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model on a benchmark (shapes: ShapesEval)",
+                                   description="ShapesEval: generation on held-out prompts judged by a detector, and "
+                                               "understanding (exact match) on held-out images.")
+    evaluate.add_argument("benchmark", choices=["shapes"], help="the benchmark")
+    _add_model_argument(evaluate)
+    evaluate.add_argument("--n", type=int, default=200, help="samples for generation and for understanding (200)")
+    evaluate.add_argument("--json", help="also write the scores to this JSON file")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the test cases and the sampling (0)")
+    evaluate.add_argument("--rounds", type=int, help="masked-autoregressive rounds (the pipeline's default)")
+    evaluate.add_argument("--steps", type=int, help="diffusion-head steps (the model's default)")
+    evaluate.add_argument("--scheduler", choices=["harmon", "dpm-solver"], default="harmon",
+                          help="diffusion-head sampler: the model's own (default) or DPM-Solver++ for few steps")
+    evaluate.set_defaults(run=_evaluate)
+
+    shapes = commands.add_parser("shapes", help="Harmon-Shapes: build the starting model of its training",
+                                 description="Train the small autoencoder, learn the tokenizer and save a randomly "
+                                             "initialised Harmon-Shapes, the `model` of the first shapes recipe.")
+    shapes.add_argument("action", choices=["init"], help="what to do")
+    shapes.add_argument("--output", default="runs/harmon-shapes/init", help="folder to write (runs/harmon-shapes/init)")
+    shapes.add_argument("--vae-steps", type=int, default=2000, help="autoencoder training steps (2000)")
+    shapes.add_argument("--seed", type=int, default=0, help="seed (0)")
+    shapes.set_defaults(run=_shapes)
 
     convert = commands.add_parser(
         "convert",

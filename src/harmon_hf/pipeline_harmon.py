@@ -44,8 +44,15 @@ class HarmonPipeline(DiffusionPipeline):
         self.register_modules(model=model, processor=processor, scheduler=scheduler)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None, trust_remote_code=False, **kwargs):
-        """Model and processor from one model folder or Hub repository; its `scheduler/` subfolder if it has one."""
+    def from_pretrained(cls, pretrained_model_name_or_path=None, torch_dtype=None, trust_remote_code=False, **kwargs):
+        """Model and processor from one model folder or Hub repository; its `scheduler/` subfolder if it has one.
+        Without a name: Harmon-Shapes, the small model bundled with harmon-hf."""
+        if pretrained_model_name_or_path is None:
+            from . import bundled_model_path
+
+            pretrained_model_name_or_path = bundled_model_path()
+            if pretrained_model_name_or_path is None:
+                raise ValueError("no model given and no bundled model is installed: pass a model folder or Hub id")
         model = AutoModel.from_pretrained(
             pretrained_model_name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
         )

@@ -1,0 +1,95 @@
+"""`harmon shapes init`: everything Harmon-Shapes starts from, before the recipes train it.
+
+The autoencoder (trained here, briefly), a byte-level BPE tokenizer learned on the world's language, and a randomly
+initialised small Harmon around them, saved as a model folder that `harmon train` loads like any other.
+"""
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from ..modeling import HarmonConfig, HarmonForConditionalGeneration
+from ..modeling.processing_harmon import GENERATION_INSTRUCTION, IMAGE_TOKEN, UNCONDITIONAL_PROMPT
+from .vae import SHAPES_VAE, train_vae
+from .world import corpus_texts
+
+
+# Qwen2.5's special tokens that Harmon's chat template uses, then the image placeholder.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]
+TOKENIZER_VOCAB_SIZE = 512
+IMAGE_SIZE = 64
+
+# A Qwen2 LLM, MAR and diffusion head sized for training on two CPU cores in minutes.
+SHAPES_TEXT_CONFIG = {
+    "model_type": "qwen2",
+    "hidden_size": 192,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+}
+SHAPES_HARMON = {
+    "encoder_hidden_size": 128,
+    "encoder_num_hidden_layers": 2,
+    "encoder_num_attention_heads": 4,
+    "decoder_hidden_size": 128,
+    "decoder_num_hidden_layers": 2,
+    "decoder_num_attention_heads": 4,
+    "attention_dropout": 0.0,
+    "hidden_dropout": 0.0,
+    "buffer_size": 4,
+    "base_grid_size": IMAGE_SIZE // 8,
+    "diffusion_head_hidden_size": 192,
+    "diffusion_head_num_layers": 3,
+    "diffusion_batch_mul": 2,
+    # A head this small is not exact at t near T, where errors are amplified ~2e4 times: clamp the predicted clean
+    # latent to the latents' range (their |values| stay below 5 in 99.9 % of cases, at unit standard deviation).
+    "diffusion_clip_range": 5.0,
+    "image_size": IMAGE_SIZE,
+}
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE (as Qwen2.5's) learned on the world's captions, questions and answers."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    template_words = ["user", "assistant", GENERATION_INSTRUCTION.format(prompt=""), UNCONDITIONAL_PROMPT,
+                      "Describe this image."]
+    backend.train_from_iterator(corpus_texts() + template_words * 1000, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer.add_tokens(SPECIAL_TOKENS, special_tokens=True)
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
+    return tokenizer
+
+
+def shapes_config(tokenizer, vae_scale: float) -> HarmonConfig:
+    text_config = {**SHAPES_TEXT_CONFIG, "vocab_size": len(tokenizer),
+                   "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+                   "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    return HarmonConfig(text_config=text_config, vae_config=SHAPES_VAE, vae_scale=vae_scale,
+                        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), **SHAPES_HARMON)
+
+
+def build_initial_model(output_dir: "str | Path", vae_steps: int = 2000, seed: int = 0) -> Path:
+    """Train the autoencoder, learn the tokenizer, and save a randomly initialised Harmon-Shapes with both."""
+    from .. import processor_for
+
+    vae, vae_scale = train_vae(steps=vae_steps, seed=seed)
+    tokenizer = make_tokenizer()
+    torch.manual_seed(seed)
+    model = HarmonForConditionalGeneration(shapes_config(tokenizer, vae_scale))
+    model.model.vae.load_state_dict(vae.state_dict())
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir)
+    processor_for(model.config, tokenizer).save_pretrained(output_dir)
+    return output_dir

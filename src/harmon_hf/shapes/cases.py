@@ -1,0 +1,79 @@
+"""ShapesEval's test cases, drawn from held-out scenes: prompts with what their image must show, and questions."""
+
+import random
+from dataclasses import dataclass
+
+from PIL import Image
+
+from .detector import Requirement
+from .world import (QUESTION_TYPES, REGION_PHRASES, Scene, _object_phrase, _plural, NUMBER_WORDS, pick_question,
+                    render, sample_split_scene)
+
+
+# Category -> the kind of scene its prompts describe.
+GENERATION_CATEGORIES = {"object": "single", "colour": "single", "count": "count", "two objects": "pair",
+                         "position": "relation"}
+
+
+@dataclass(frozen=True)
+class GenerationCase:
+    category: str
+    prompt: str
+    requirement: Requirement
+    scene: Scene  # a scene the prompt describes (its render is a correct answer)
+
+
+@dataclass(frozen=True)
+class UnderstandingCase:
+    question_type: str
+    scene: Scene
+    question: str
+    answer: str
+
+    def image(self, size: int = 64) -> Image.Image:
+        return render(self.scene, size)
+
+
+def generation_case(category: str, scene: Scene) -> GenerationCase:
+    objects = scene.objects
+    if category == "object":
+        obj = objects[0]
+        prompt = f"{_object_phrase(obj, mention_colour=False)} {REGION_PHRASES[scene.region][0]}"
+        requirement = Requirement(((None, obj.shape, 1),), region=scene.region)
+    elif category == "colour":
+        prompt = _object_phrase(objects[0])
+        requirement = Requirement(((objects[0].colour, objects[0].shape, 1),))
+    elif category == "count":
+        obj = objects[0]
+        prompt = f"{NUMBER_WORDS[len(objects)]} {obj.colour} {_plural(obj.shape)}"
+        requirement = Requirement(((obj.colour, obj.shape, len(objects)),))
+    elif category == "two objects":
+        prompt = f"{_object_phrase(objects[0])} and {_object_phrase(objects[1])}"
+        requirement = Requirement(tuple((obj.colour, obj.shape, 1) for obj in objects))
+    else:
+        prompt = f"{_object_phrase(objects[0])} {scene.relation} {_object_phrase(objects[1])}"
+        requirement = Requirement(tuple((obj.colour, obj.shape, 1) for obj in objects), relation=scene.relation)
+    return GenerationCase(category, prompt, requirement, scene)
+
+
+def generation_cases(count: int, seed: int = 0) -> list[GenerationCase]:
+    """`count` prompts of held-out combinations, the categories taking turns."""
+    rng = random.Random(f"shapes-eval/generation/{seed}")
+    categories = list(GENERATION_CATEGORIES)
+    return [
+        generation_case(category, sample_split_scene(rng, "heldout", GENERATION_CATEGORIES[category]))
+        for category in (categories[i % len(categories)] for i in range(count))
+    ]
+
+
+def understanding_cases(count: int, seed: int = 0) -> list[UnderstandingCase]:
+    """`count` questions about held-out scenes, the question types taking turns."""
+    rng = random.Random(f"shapes-eval/understanding/{seed}")
+    cases = []
+    while len(cases) < count:
+        wanted = QUESTION_TYPES[len(cases) % len(QUESTION_TYPES)]
+        scene = sample_split_scene(rng, "heldout")
+        question_type, question, answer = pick_question(scene, rng)
+        if question_type == wanted:
+            cases.append(UnderstandingCase(question_type, scene, question, answer))
+    return cases

@@ -1,0 +1,92 @@
+"""ShapesEval: generation judged by the detector per GenEval-like category, understanding by exact match per
+question type, both on held-out combinations only."""
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .cases import GENERATION_CATEGORIES, generation_cases, understanding_cases
+from .detector import detect, satisfies
+from .world import QUESTION_TYPES
+
+
+def _summary(correct: dict[str, list[bool]]) -> dict[str, float]:
+    """Accuracy per category and `overall`, their mean (GenEval's overall score)."""
+    scores = {name: sum(results) / len(results) for name, results in correct.items() if results}
+    scores["overall"] = sum(scores.values()) / len(scores)
+    return scores
+
+
+def normalise_answer(text: str) -> str:
+    return text.strip().lower().rstrip(".!")
+
+
+@torch.no_grad()
+def evaluate_generation(pipeline, count: int, seed: int = 0, batch_size: int = 25, progress=None,
+                        **sampling) -> tuple[dict[str, float], float]:
+    """Generate one image per held-out prompt and judge it; returns (scores, seconds per image). `sampling` goes to
+    the pipeline (num_iter, num_inference_steps, guidance_scale, ...)."""
+    cases = generation_cases(count, seed)
+    correct = {category: [] for category in GENERATION_CATEGORIES}
+    elapsed = 0.0
+    for start in range(0, len(cases), batch_size):
+        batch = cases[start : start + batch_size]
+        began = time.perf_counter()
+        images = pipeline([case.prompt for case in batch], generator=torch.Generator().manual_seed(seed + start),
+                          **sampling).images
+        elapsed += time.perf_counter() - began
+        for case, image in zip(batch, images):
+            correct[case.category].append(satisfies(detect(image), case.requirement))
+        if progress is not None:
+            progress.update(len(batch))
+    return _summary(correct), elapsed / len(cases)
+
+
+@torch.no_grad()
+def evaluate_understanding(pipeline, count: int, seed: int = 0, batch_size: int = 50,
+                           progress=None) -> dict[str, float]:
+    """Answer one question about each held-out image, greedily; exact match with the one-word answer."""
+    processor, model = pipeline.processor, pipeline.model
+    size = model.config.image_size
+    stop_ids = processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    cases = understanding_cases(count, seed)
+    correct = {question_type: [] for question_type in QUESTION_TYPES}
+    for start in range(0, len(cases), batch_size):
+        batch = cases[start : start + batch_size]
+        texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": case.question}]}],
+                                               add_generation_prompt=True) for case in batch]
+        inputs = processor(text=texts, images=[case.image(size) for case in batch]).to(model.device)
+        output = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=stop_ids,
+                                pad_token_id=processor.tokenizer.pad_token_id)
+        answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:])
+        for case, answer in zip(batch, answers):
+            correct[case.question_type].append(normalise_answer(answer) == case.answer)
+        if progress is not None:
+            progress.update(len(batch))
+    return _summary(correct)
+
+
+def shapes_eval(pipeline, count: int = 200, seed: int = 0, **sampling) -> dict:
+    """Both halves of ShapesEval with `count` samples each:
+    {"generation": {"overall", category...}, "understanding": {"overall", type...}, "seconds_per_image", "samples"}."""
+    with tqdm(total=2 * count, desc="ShapesEval", unit="sample") as progress:
+        generation, seconds = evaluate_generation(pipeline, count, seed, progress=progress, **sampling)
+        understanding = evaluate_understanding(pipeline, count, seed, progress=progress)
+    return {"generation": generation, "understanding": understanding, "seconds_per_image": seconds,
+            "samples": count}
+
+
+def format_table(results: dict) -> str:
+    lines = [f"ShapesEval on held-out combinations ({results['samples']} samples each)", ""]
+    for half in ("generation", "understanding"):
+        scores = results[half]
+        lines.append(f"{half:<16} {'score':>6}")
+        for name, value in scores.items():
+            if name != "overall":
+                lines.append(f"  {name:<14} {value:6.3f}")
+        lines.append(f"  {'overall':<14} {scores['overall']:6.3f}")
+        lines.append("")
+    lines.append(f"seconds per generated image: {results['seconds_per_image']:.3f}")
+    return "\n".join(lines)

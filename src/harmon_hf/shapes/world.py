@@ -1,0 +1,325 @@
+"""The shapes world: scenes of one to three flat shapes, rendered anti-aliased, with captions and questions.
+
+Every scene has a *combination*: the attributes its caption names together (a coloured shape, a count, a pair of
+objects). A fixed, seeded share of the combinations is held out: `split="train"` never yields a scene whose combination
+is held out, `split="heldout"` yields only those, so ShapesEval measures combinations the model never saw.
+"""
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+
+SHAPES = ("circle", "square", "triangle")
+PALETTE = {  # colour name -> RGB; far enough apart that a nearest-colour rule separates them after blurring
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 215, 0),
+    "purple": (140, 50, 180),
+    "orange": (255, 140, 0),
+}
+BACKGROUND = (255, 255, 255)
+NUMBER_WORDS = ("zero", "one", "two", "three")
+# Regions of a single object: its centre lies inside the box (x0, y0, x1, y1), in fractions of the canvas.
+REGIONS = {
+    "left": (0.2, 0.35, 0.3, 0.65),
+    "right": (0.7, 0.35, 0.8, 0.65),
+    "top": (0.35, 0.2, 0.65, 0.3),
+    "bottom": (0.35, 0.7, 0.65, 0.8),
+    "centre": (0.45, 0.45, 0.55, 0.55),
+}
+REGION_PHRASES = {
+    "left": ("on the left", "at the left"),
+    "right": ("on the right", "at the right"),
+    "top": ("at the top", "near the top"),
+    "bottom": ("at the bottom", "near the bottom"),
+    "centre": ("in the centre", "in the middle"),
+}
+# Relation of object A to object B: the axis and sign of B's centre minus A's centre.
+RELATIONS = {"left of": (0, 1), "right of": (0, -1), "above": (1, 1), "below": (1, -1)}
+SIZES = {"small": 0.22, "big": 0.3}  # bounding-box side over the canvas side
+KINDS = ("single", "count", "pair", "relation")
+HELD_OUT_SHARE = 0.15
+SUPERSAMPLE = 4  # drawn this many times larger, then downsampled: anti-aliased edges
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    shape: str
+    colour: str
+    x: float  # centre, in fractions of the canvas
+    y: float
+    size: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    kind: str  # single | count | pair | relation
+    objects: tuple[ShapeObject, ...]
+    region: str | None = None  # single: where the object is
+    relation: str | None = None  # relation: objects[0] <relation> objects[1]
+
+    @property
+    def combination(self) -> tuple:
+        """What the scene's captions name together; held-out scenes are chosen by this."""
+        if self.kind == "single":
+            return ("single", self.objects[0].colour, self.objects[0].shape)
+        if self.kind == "count":
+            return ("count", self.objects[0].colour, self.objects[0].shape, len(self.objects))
+        # A pair of objects is held out whatever the order or relation, so "a red circle left of a blue square"
+        # is as new to the model as "a blue square and a red circle".
+        return ("pair", *sorted(obj.name for obj in self.objects))
+
+
+def all_combinations() -> dict[str, list[tuple]]:
+    objects = [(colour, shape) for colour in PALETTE for shape in SHAPES]
+    names = sorted(f"{colour} {shape}" for colour, shape in objects)
+    return {
+        "single": [("single", colour, shape) for colour, shape in objects],
+        "count": [("count", colour, shape, count) for colour, shape in objects for count in (2, 3)],
+        "pair": [("pair", a, b) for i, a in enumerate(names) for b in names[i + 1:]],
+    }
+
+
+def _held_out_combinations() -> frozenset:
+    """The same HELD_OUT_SHARE of each kind's combinations on every machine: the lowest by a fixed hash."""
+    chosen = []
+    for combinations in all_combinations().values():
+        ranked = sorted(combinations, key=lambda c: hashlib.sha256(repr(c).encode()).hexdigest())
+        chosen += ranked[: math.ceil(HELD_OUT_SHARE * len(combinations))]
+    return frozenset(chosen)
+
+
+HELD_OUT = _held_out_combinations()
+
+
+def is_held_out(combination: tuple) -> bool:
+    return combination in HELD_OUT
+
+
+# -- sampling scenes ------------------------------------------------------------------------------------------------
+
+
+def _place(rng: random.Random, sizes: list[str], attempts: int = 200) -> list[tuple[float, float]] | None:
+    """Centres for objects of these sizes, inside the canvas and apart from each other."""
+    for _ in range(attempts):
+        centres = []
+        for size in sizes:
+            half = SIZES[size] / 2 + 0.04
+            centre = (rng.uniform(half, 1 - half), rng.uniform(half, 1 - half))
+            if all(_apart(centre, size, other, other_size) for other, other_size in zip(centres, sizes)):
+                centres.append(centre)
+            else:
+                break
+        if len(centres) == len(sizes):
+            return centres
+    return None
+
+
+def _apart(a, size_a, b, size_b) -> bool:
+    gap = (SIZES[size_a] + SIZES[size_b]) / 2 + 0.08
+    return max(abs(a[0] - b[0]), abs(a[1] - b[1])) >= gap
+
+
+def _random_object_types(rng: random.Random, count: int) -> list[tuple[str, str]]:
+    """`count` different (colour, shape) pairs."""
+    types = set()
+    while len(types) < count:
+        types.add((rng.choice(list(PALETTE)), rng.choice(SHAPES)))
+    return rng.sample(sorted(types), count)
+
+
+def sample_scene(rng: random.Random, kind: str | None = None) -> Scene:
+    kind = kind or rng.choice(KINDS)
+    if kind == "single":
+        colour, shape = rng.choice(list(PALETTE)), rng.choice(SHAPES)
+        region = rng.choice(list(REGIONS))
+        x0, y0, x1, y1 = REGIONS[region]
+        obj = ShapeObject(shape, colour, rng.uniform(x0, x1), rng.uniform(y0, y1), rng.choice(list(SIZES)))
+        return Scene(kind, (obj,), region=region)
+    if kind == "count":
+        colour, shape = rng.choice(list(PALETTE)), rng.choice(SHAPES)
+        count = rng.choice((2, 3))
+        size = rng.choice(list(SIZES)) if count == 2 else "small"
+        while (centres := _place(rng, [size] * count)) is None:
+            pass
+        return Scene(kind, tuple(ShapeObject(shape, colour, x, y, size) for x, y in centres))
+    (colour_a, shape_a), (colour_b, shape_b) = _random_object_types(rng, 2)
+    sizes = [rng.choice(list(SIZES)), rng.choice(list(SIZES))]
+    if kind == "pair":
+        while (centres := _place(rng, sizes)) is None:
+            pass
+        return Scene(kind, tuple(ShapeObject(s, c, x, y, size) for (c, s), (x, y), size in
+                                 zip([(colour_a, shape_a), (colour_b, shape_b)], centres, sizes)))
+    relation = rng.choice(list(RELATIONS))
+    axis, sign = RELATIONS[relation]
+    # Far apart along the relation's axis and close on the other, so the relation is unambiguous.
+    along = (rng.uniform(0.2, 0.32), rng.uniform(0.68, 0.8))
+    along = along if sign > 0 else along[::-1]
+    across = rng.uniform(0.3, 0.7)
+    across = (across + rng.uniform(-0.08, 0.08), across + rng.uniform(-0.08, 0.08))
+    centres = [(along[i], across[i]) if axis == 0 else (across[i], along[i]) for i in range(2)]
+    objects = (ShapeObject(shape_a, colour_a, *centres[0], sizes[0]), ShapeObject(shape_b, colour_b, *centres[1], sizes[1]))
+    return Scene(kind, objects, relation=relation)
+
+
+def sample_split_scene(rng: random.Random, split: str, kind: str | None = None) -> Scene:
+    """A scene of the split: `train` (combination not held out) or `heldout` (held out)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    while True:
+        scene = sample_scene(rng, kind)
+        if is_held_out(scene.combination) == (split == "heldout"):
+            return scene
+
+
+# -- rendering ------------------------------------------------------------------------------------------------------
+
+
+def render(scene: Scene, size: int = 64) -> Image.Image:
+    big = size * SUPERSAMPLE
+    canvas = Image.new("RGB", (big, big), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for obj in scene.objects:
+        half = SIZES[obj.size] * big / 2
+        cx, cy = obj.x * big, obj.y * big
+        box = (cx - half, cy - half, cx + half, cy + half)
+        colour = PALETTE[obj.colour]
+        if obj.shape == "circle":
+            draw.ellipse(box, fill=colour)
+        elif obj.shape == "square":
+            draw.rectangle(box, fill=colour)
+        else:  # pointing up, its base as wide as its height
+            draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=colour)
+    return canvas.resize((size, size), Image.Resampling.BOX)
+
+
+# -- language -------------------------------------------------------------------------------------------------------
+
+
+def _plural(shape: str) -> str:
+    return shape + "s"
+
+
+def _object_phrase(obj: ShapeObject, mention_size: bool = False, mention_colour: bool = True) -> str:
+    words = " ".join([obj.size] * mention_size + [obj.colour] * mention_colour + [obj.shape])
+    return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
+
+
+def caption(scene: Scene, rng: random.Random) -> str:
+    """One of several phrasings of everything the scene's combination names."""
+    objects = scene.objects
+    if scene.kind == "single":
+        mention_colour = rng.random() < 0.8
+        phrase = _object_phrase(objects[0], mention_size=rng.random() < 0.3, mention_colour=mention_colour)
+        if not mention_colour or rng.random() < 0.6:
+            phrase = f"{phrase} {rng.choice(REGION_PHRASES[scene.region])}"
+    elif scene.kind == "count":
+        obj = objects[0]
+        phrase = f"{NUMBER_WORDS[len(objects)]} {obj.colour} {_plural(obj.shape)}"
+    elif scene.kind == "pair":
+        phrase = f"{_object_phrase(objects[0])} and {_object_phrase(objects[1])}"
+    else:
+        phrase = f"{_object_phrase(objects[0])} {scene.relation} {_object_phrase(objects[1])}"
+    if rng.random() < 0.3:
+        phrase = rng.choice(("an image of {}", "a picture of {}", "{} on a white background")).format(phrase)
+    return phrase
+
+
+def questions(scene: Scene) -> list[tuple[str, str, str]]:
+    """Every question the scene answers unambiguously: (type, question, one-word answer)."""
+    asked = []
+    objects = scene.objects
+    shapes = [obj.shape for obj in objects]
+    colours = [obj.colour for obj in objects]
+    for obj in objects:
+        if shapes.count(obj.shape) == 1:
+            asked.append(("colour", f"What colour is the {obj.shape}?", obj.colour))
+        if colours.count(obj.colour) == 1:
+            asked.append(("shape", f"What shape is the {obj.colour} object?", obj.shape))
+    for shape in SHAPES:
+        asked.append(("count", f"How many {_plural(shape)} are there?", NUMBER_WORDS[shapes.count(shape)]))
+    asked.append(("count", "How many shapes are there?", NUMBER_WORDS[len(objects)]))
+    if scene.kind == "single":
+        asked.append(("position", f"Where is the {objects[0].name}?", scene.region))
+    if scene.kind == "relation":
+        a, b = objects
+        answer = {"left of": "left", "right of": "right", "above": "above", "below": "below"}[scene.relation]
+        asked.append(("position", f"Where is the {a.name} relative to the {b.name}?", answer))
+    names = {obj.name for obj in objects}
+    for colour in PALETTE:
+        for shape in SHAPES:
+            asked.append(("yes/no", f"Is there a {colour} {shape}?", "yes" if f"{colour} {shape}" in names else "no"))
+    return asked
+
+
+QUESTION_TYPES = ("colour", "shape", "count", "position", "yes/no")
+
+
+def pick_question(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
+    """A question of a random type (then a random one of that type), so every type is asked about as often."""
+    asked = questions(scene)
+    by_type = {t: [q for q in asked if q[0] == t] for t in QUESTION_TYPES}
+    question_type = rng.choice([t for t in QUESTION_TYPES if by_type[t]])
+    candidates = by_type[question_type]
+    if question_type == "yes/no":  # as many yeses as noes
+        wanted = rng.choice(("yes", "no"))
+        candidates = [q for q in candidates if q[2] == wanted]
+    return rng.choice(candidates)
+
+
+# -- the dataset ----------------------------------------------------------------------------------------------------
+
+
+QUESTIONS_PER_CONVERSATION = 3
+
+
+def conversation(scene: Scene, rng: random.Random) -> list[dict]:
+    """A LLaVA-style conversation of a few questions about the image (the image comes with the first)."""
+    turns = []
+    for index in range(QUESTIONS_PER_CONVERSATION):
+        _, question, answer = pick_question(scene, rng)
+        turns.append({"from": "human", "value": f"<image>\n{question}" if index == 0 else question})
+        turns.append({"from": "gpt", "value": answer})
+    return turns
+
+
+def _rows(split: str, seed: "int | str", size: int, limit: int | None):
+    rng = random.Random(f"shapes/{split}/{seed}")
+    index = 0
+    while limit is None or index < limit:
+        scene = sample_split_scene(rng, split)
+        yield {"image": render(scene, size), "text": caption(scene, rng), "conversations": conversation(scene, rng),
+               "kind": scene.kind}
+        index += 1
+
+
+def shapes_dataset(split: str = "train", seed: "int | str" = 0, size: int = 64, limit: int | None = None):
+    """The shapes world as a streamed `datasets.IterableDataset` (endless unless `limit`): an image, a caption
+    (`text`), a conversation of questions about it (`conversations`) and the scene's kind."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if size < 32:
+        raise ValueError(f"size must be at least 32 pixels, got {size}")
+    from datasets import IterableDataset  # the training extra: rendering and judging scenes do not need it
+
+    return IterableDataset.from_generator(_rows, gen_kwargs={"split": split, "seed": seed, "size": size, "limit": limit})
+
+
+def corpus_texts(count: int = 20000, seed: int = 0) -> list[str]:
+    """Captions, questions and answers of both splits: the text a tokenizer for this world must cover."""
+    rng = random.Random(f"shapes/corpus/{seed}")
+    texts = []
+    for _ in range(count):
+        scene = sample_scene(rng)
+        texts.append(caption(scene, rng))
+        texts.extend(f"{question} {answer}" for _, question, answer in questions(scene))
+    return texts

@@ -1,0 +1,100 @@
+"""The shapes world, its held-out split, and the detector that judges ShapesEval."""
+
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from harmon_hf.shapes.cases import GENERATION_CATEGORIES, generation_cases, understanding_cases
+from harmon_hf.shapes.detector import Requirement, classify_shape, detect, satisfies
+from harmon_hf.shapes.world import (HELD_OUT, KINDS, PALETTE, QUESTION_TYPES, SHAPES, Scene, ShapeObject,
+                                    all_combinations, caption, is_held_out, questions, render, sample_split_scene,
+                                    shapes_dataset)
+
+
+def test_detector_scores_at_least_099_on_ground_truth_renders():
+    cases = generation_cases(400, seed=1)
+    correct = Counter(case.category for case in cases if satisfies(detect(render(case.scene)), case.requirement))
+    totals = Counter(case.category for case in cases)
+    for category in GENERATION_CATEGORIES:
+        assert correct[category] / totals[category] >= 0.99, (category, correct[category], totals[category])
+
+
+def test_detector_finds_every_object_of_random_training_scenes():
+    rng = random.Random(2)
+    for _ in range(200):
+        scene = sample_split_scene(rng, "train")
+        found = sorted((d.colour, d.shape) for d in detect(render(scene)))
+        assert found == sorted((o.colour, o.shape) for o in scene.objects), scene
+
+
+def test_detector_rejects_what_the_prompt_does_not_show():
+    scene = Scene("relation", (ShapeObject("circle", "red", 0.25, 0.5, "big"),
+                               ShapeObject("square", "blue", 0.75, 0.5, "big")), relation="left of")
+    detections = detect(render(scene))
+    both = ((("red", "circle", 1), ("blue", "square", 1)))
+    assert satisfies(detections, Requirement(both, relation="left of"))
+    assert not satisfies(detections, Requirement(both, relation="right of"))
+    assert not satisfies(detections, Requirement(both, relation="above"))
+    assert not satisfies(detections, Requirement((("red", "circle", 1),)))  # an extra object
+    assert not satisfies(detections, Requirement((("green", "circle", 1), ("blue", "square", 1))))
+    assert not satisfies(detections, Requirement((("red", "triangle", 1), ("blue", "square", 1))))
+    assert not satisfies(detect(Image.new("RGB", (64, 64), "white")), Requirement((("red", "circle", 1),)))
+
+
+def test_shapes_are_told_apart_by_their_outline_at_every_size():
+    for size in (12, 20, 40):
+        square = np.ones((size, size), bool)
+        rows, columns = np.mgrid[:size, :size] + 0.5
+        circle = (rows - size / 2) ** 2 + (columns - size / 2) ** 2 <= (size / 2) ** 2
+        triangle = np.abs(columns - size / 2) <= rows / 2
+        assert [classify_shape(m) for m in (square, circle, triangle)] == ["square", "circle", "triangle"]
+    assert classify_shape(np.ones((10, 30), bool)) == "unknown"  # two touching squares are not one shape
+
+
+def test_held_out_combinations_never_appear_in_training_and_are_all_reachable():
+    rng = random.Random(3)
+    train = [sample_split_scene(rng, "train") for _ in range(3000)]
+    assert not any(is_held_out(scene.combination) for scene in train)
+    held_out = {sample_split_scene(rng, "heldout").combination for _ in range(3000)}
+    assert held_out == HELD_OUT
+    for kind, combinations in all_combinations().items():  # every kind keeps some combinations back
+        assert 0 < sum(c in HELD_OUT for c in combinations) < len(combinations), kind
+
+
+def test_world_covers_the_attributes_and_kinds():
+    rng = random.Random(4)
+    scenes = [sample_split_scene(rng, "train") for _ in range(2000)]
+    assert {scene.kind for scene in scenes} == set(KINDS)
+    assert {o.colour for s in scenes for o in s.objects} == set(PALETTE) and len(PALETTE) >= 6
+    assert {o.shape for s in scenes for o in s.objects} == set(SHAPES) >= {"circle", "square", "triangle"}
+    assert {len(s.objects) for s in scenes} == {1, 2, 3}
+    assert {s.relation for s in scenes if s.relation} == {"left of", "right of", "above", "below"}
+    assert len({caption(scene, rng) for scene in scenes[:300]}) > 250  # varied phrasings
+
+
+def test_questions_have_one_word_answers_that_are_true():
+    scene = Scene("count", (ShapeObject("triangle", "green", 0.3, 0.3, "small"),
+                            ShapeObject("triangle", "green", 0.7, 0.7, "small")))
+    asked = {question: answer for _, question, answer in questions(scene)}
+    assert asked["How many triangles are there?"] == "two"
+    assert asked["How many circles are there?"] == "zero"
+    assert asked["Is there a green triangle?"] == "yes" and asked["Is there a red triangle?"] == "no"
+    assert "What colour is the triangle?" not in asked  # two triangles: ambiguous, never asked
+    cases = understanding_cases(50)
+    assert Counter(case.question_type for case in cases) == {t: 10 for t in QUESTION_TYPES}
+    assert all(is_held_out(case.scene.combination) and " " not in case.answer for case in cases)
+
+
+def test_dataset_streams_reproducibly_with_conversations():
+    first = list(shapes_dataset("train", seed=5, limit=4))
+    again = list(shapes_dataset("train", seed=5, limit=4))
+    assert [row["text"] for row in first] == [row["text"] for row in again]
+    assert np.array_equal(np.asarray(first[0]["image"]), np.asarray(again[0]["image"]))
+    assert first[0]["image"].size == (64, 64)
+    turns = first[0]["conversations"]
+    assert turns[0]["from"] == "human" and turns[0]["value"].startswith("<image>\n") and turns[1]["from"] == "gpt"
+    with pytest.raises(ValueError, match="split must be"):
+        shapes_dataset("validation")
