@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .world import BACKGROUND, PALETTE, REGIONS, RELATIONS
+from .world import BACKGROUND, PALETTE, RELATIONS, region_box
 
 
 # A pixel belongs to a colour when that colour is its nearest of palette + background and closer than this (RGB
@@ -114,7 +114,7 @@ def satisfies(detections: list[Detection], requirement: Requirement) -> bool:
             return False
         found.append(matching)
     if requirement.region is not None:
-        x0, y0, x1, y1 = REGIONS[requirement.region]
+        x0, y0, x1, y1 = region_box(requirement.region)
         (detection,) = found[0]
         inside_x = x0 - REGION_MARGIN <= detection.x <= x1 + REGION_MARGIN
         inside_y = y0 - REGION_MARGIN <= detection.y <= y1 + REGION_MARGIN

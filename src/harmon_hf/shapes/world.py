@@ -24,13 +24,19 @@ PALETTE = {  # colour name -> RGB; far enough apart that a nearest-colour rule s
 }
 BACKGROUND = (255, 255, 255)
 NUMBER_WORDS = ("zero", "one", "two", "three")
-# Regions of a single object: its centre lies inside the box (x0, y0, x1, y1), in fractions of the canvas.
+# Objects sit on a grid of CELLS x CELLS cells (one cell per latent token of a 64 px image): each fills a block of
+# 2 x 2 cells, given by its top-left cell (column, row) in 0 .. CELLS - 2. Aligned objects make each latent token one
+# of a few patterns, which a model trained for minutes on a CPU can learn.
+CELLS = 8
+LAST_BLOCK = CELLS - 2
+BLOCK_GAP = 3  # blocks of different objects are at least this many cells apart on one axis (an empty cell between)
+# Regions of a single object: the top-left cells (columns, rows) it may have there.
 REGIONS = {
-    "left": (0.2, 0.35, 0.3, 0.65),
-    "right": (0.7, 0.35, 0.8, 0.65),
-    "top": (0.35, 0.2, 0.65, 0.3),
-    "bottom": (0.35, 0.7, 0.65, 0.8),
-    "centre": (0.45, 0.45, 0.55, 0.55),
+    "left": ((0, 1), (2, 3, 4)),
+    "right": ((5, 6), (2, 3, 4)),
+    "top": ((2, 3, 4), (0, 1)),
+    "bottom": ((2, 3, 4), (5, 6)),
+    "centre": ((3,), (3,)),
 }
 REGION_PHRASES = {
     "left": ("on the left", "at the left"),
@@ -41,7 +47,7 @@ REGION_PHRASES = {
 }
 # Relation of object A to object B: the axis and sign of B's centre minus A's centre.
 RELATIONS = {"left of": (0, 1), "right of": (0, -1), "above": (1, 1), "below": (1, -1)}
-SIZES = {"small": 0.22, "big": 0.3}  # bounding-box side over the canvas side
+SIZES = {"small": 0.1875, "big": 0.25}  # bounding-box side over the canvas side: 12 and 16 px at 64 px
 KINDS = ("single", "count", "pair", "relation")
 HELD_OUT_SHARE = 0.15
 SUPERSAMPLE = 4  # drawn this many times larger, then downsampled: anti-aliased edges
@@ -108,25 +114,32 @@ def is_held_out(combination: tuple) -> bool:
 # -- sampling scenes ------------------------------------------------------------------------------------------------
 
 
-def _place(rng: random.Random, sizes: list[str], attempts: int = 200) -> list[tuple[float, float]] | None:
-    """Centres for objects of these sizes, inside the canvas and apart from each other."""
-    for _ in range(attempts):
-        centres = []
-        for size in sizes:
-            half = SIZES[size] / 2 + 0.04
-            centre = (rng.uniform(half, 1 - half), rng.uniform(half, 1 - half))
-            if all(_apart(centre, size, other, other_size) for other, other_size in zip(centres, sizes)):
-                centres.append(centre)
-            else:
+def block_centre(column: int, row: int) -> tuple[float, float]:
+    """Centre of the 2 x 2 block with this top-left cell, in fractions of the canvas."""
+    return (column + 1) / CELLS, (row + 1) / CELLS
+
+
+def region_box(region: str) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1): the box of the centres an object in `region` may have, in fractions of the canvas."""
+    columns, rows = REGIONS[region]
+    return (*block_centre(min(columns), min(rows)), *block_centre(max(columns), max(rows)))
+
+
+def _place(rng: random.Random, count: int) -> list[tuple[int, int]]:
+    """Top-left cells of `count` blocks, apart from each other."""
+    while True:
+        blocks = []
+        for _ in range(count):
+            block = (rng.randint(0, LAST_BLOCK), rng.randint(0, LAST_BLOCK))
+            if any(max(abs(block[0] - c), abs(block[1] - r)) < BLOCK_GAP for c, r in blocks):
                 break
-        if len(centres) == len(sizes):
-            return centres
-    return None
+            blocks.append(block)
+        if len(blocks) == count:
+            return blocks
 
 
-def _apart(a, size_a, b, size_b) -> bool:
-    gap = (SIZES[size_a] + SIZES[size_b]) / 2 + 0.08
-    return max(abs(a[0] - b[0]), abs(a[1] - b[1])) >= gap
+def _object(shape: str, colour: str, block: tuple[int, int], size: str) -> ShapeObject:
+    return ShapeObject(shape, colour, *block_centre(*block), size)
 
 
 def _random_object_types(rng: random.Random, count: int) -> list[tuple[str, str]]:
@@ -142,33 +155,30 @@ def sample_scene(rng: random.Random, kind: str | None = None) -> Scene:
     if kind == "single":
         colour, shape = rng.choice(list(PALETTE)), rng.choice(SHAPES)
         region = rng.choice(list(REGIONS))
-        x0, y0, x1, y1 = REGIONS[region]
-        obj = ShapeObject(shape, colour, rng.uniform(x0, x1), rng.uniform(y0, y1), rng.choice(list(SIZES)))
-        return Scene(kind, (obj,), region=region)
+        columns, rows = REGIONS[region]
+        block = (rng.choice(columns), rng.choice(rows))
+        return Scene(kind, (_object(shape, colour, block, rng.choice(list(SIZES))),), region=region)
     if kind == "count":
         colour, shape = rng.choice(list(PALETTE)), rng.choice(SHAPES)
         count = rng.choice((2, 3))
-        size = rng.choice(list(SIZES)) if count == 2 else "small"
-        while (centres := _place(rng, [size] * count)) is None:
-            pass
-        return Scene(kind, tuple(ShapeObject(shape, colour, x, y, size) for x, y in centres))
-    (colour_a, shape_a), (colour_b, shape_b) = _random_object_types(rng, 2)
+        size = rng.choice(list(SIZES))
+        return Scene(kind, tuple(_object(shape, colour, block, size) for block in _place(rng, count)))
+    types = _random_object_types(rng, 2)
     sizes = [rng.choice(list(SIZES)), rng.choice(list(SIZES))]
     if kind == "pair":
-        while (centres := _place(rng, sizes)) is None:
-            pass
-        return Scene(kind, tuple(ShapeObject(s, c, x, y, size) for (c, s), (x, y), size in
-                                 zip([(colour_a, shape_a), (colour_b, shape_b)], centres, sizes)))
-    relation = rng.choice(list(RELATIONS))
-    axis, sign = RELATIONS[relation]
-    # Far apart along the relation's axis and close on the other, so the relation is unambiguous.
-    along = (rng.uniform(0.2, 0.32), rng.uniform(0.68, 0.8))
-    along = along if sign > 0 else along[::-1]
-    across = rng.uniform(0.3, 0.7)
-    across = (across + rng.uniform(-0.08, 0.08), across + rng.uniform(-0.08, 0.08))
-    centres = [(along[i], across[i]) if axis == 0 else (across[i], along[i]) for i in range(2)]
-    objects = (ShapeObject(shape_a, colour_a, *centres[0], sizes[0]), ShapeObject(shape_b, colour_b, *centres[1], sizes[1]))
-    return Scene(kind, objects, relation=relation)
+        blocks = _place(rng, 2)
+    else:
+        relation = rng.choice(list(RELATIONS))
+        axis, sign = RELATIONS[relation]
+        # Far apart along the relation's axis and at most one cell off on the other, so the relation is unambiguous.
+        first = rng.randint(0, LAST_BLOCK - BLOCK_GAP)
+        along = (first, rng.randint(first + BLOCK_GAP, LAST_BLOCK))
+        along = along if sign > 0 else along[::-1]
+        across = rng.randint(0, LAST_BLOCK)
+        across = (across, min(max(across + rng.choice((-1, 0, 1)), 0), LAST_BLOCK))
+        blocks = [(along[i], across[i]) if axis == 0 else (across[i], along[i]) for i in range(2)]
+    objects = tuple(_object(shape, colour, block, size) for (colour, shape), block, size in zip(types, blocks, sizes))
+    return Scene(kind, objects, relation=relation if kind == "relation" else None)
 
 
 def sample_split_scene(rng: random.Random, split: str, kind: str | None = None) -> Scene:
