@@ -142,3 +142,17 @@ def test_help_explains_every_flag():
     assert result.returncode == 0
     for flag in ("--model", "--seed", "--size", "--guidance", "--steps", "--rounds", "--n", "--prompts", "--outdir"):
         assert flag in result.stdout
+
+
+def test_eval_shapes_prints_a_table_and_writes_the_json(harmon_folder, tmp_path):
+    result = harmon("eval", "shapes", "--model", harmon_folder, "--n", "5", "--rounds", "2", "--steps", "3",
+                    "--json", tmp_path / "scores.json")
+    assert result.returncode == 0, result.stderr
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert set(scores["generation"]) == {"object", "colour", "count", "two objects", "position", "overall"}
+    assert set(scores["understanding"]) == {"colour", "shape", "count", "position", "yes/no", "overall"}
+    assert scores["samples"] == 5 and scores["sampler"]["num_iter"] == 2
+    assert all(0 <= value <= 1 for half in ("generation", "understanding") for value in scores[half].values())
+    assert "ShapesEval on held-out combinations (5 samples each)" in result.stdout
+    assert f"overall         {scores['understanding']['overall']:.3f}" in result.stdout
+    assert "ShapesEval" in result.stderr  # the progress bar

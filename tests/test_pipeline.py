@@ -201,3 +201,11 @@ def test_multi_turn_chat_keeps_the_image_and_history(pipe):
     assert (inputs["input_ids"] == pipe.processor.image_token_id).sum() == pipe.processor.num_image_tokens()
     output = pipe.model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert output.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_from_pretrained_without_a_name_needs_the_bundled_model(monkeypatch):
+    import harmon_hf
+
+    monkeypatch.setattr(harmon_hf, "bundled_model_path", lambda: None)
+    with pytest.raises(ValueError, match="no model given and no bundled model is installed"):
+        HarmonPipeline.from_pretrained()

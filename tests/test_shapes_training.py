@@ -1,12 +1,16 @@
 """Harmon-Shapes' training chain: `harmon shapes init`, then the bundled shapes recipes through `harmon train`."""
 
+import json
+import shutil
 import subprocess
 import sys
 from collections import Counter
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from harmon_hf.shapes import release
 from harmon_hf.training import Recipe
 
 STAGES = ("stage0_language", "stage1", "stage2", "stage3")
@@ -57,3 +61,26 @@ def test_init_and_every_stage_run_through_harmon_train(tmp_path):
     assert any(not torch.equal(after[k], stage2[k]) for k in after)  # stage II trains it
     log = (tmp_path / "stage2" / "trainer_state.json").read_text()
     assert "loss_text_to_image" in log and "loss_image_to_text" in log
+
+
+def test_release_copies_the_model_with_a_card_of_its_scores(harmon_folder, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(harmon_folder, run / "stage3" / "final")
+    (run / "training-seconds").write_text("2642")
+    for index, (file, _) in enumerate(release.EVALUATIONS.values()):
+        scores = {"generation": {c: 0.5 for c in ("object", "colour", "count", "two objects", "position")},
+                  "understanding": {t: 0.25 for t in ("colour", "shape", "count", "position", "yes/no")},
+                  "seconds_per_image": 0.5, "samples": 200}
+        scores["generation"]["overall"] = 0.1 * (index + 1)
+        scores["understanding"]["overall"] = 0.2 * (index + 1)
+        (run / file).write_text(json.dumps(scores))
+    destination = release.release(run, tmp_path / "bundled")
+    card = (destination / "README.md").read_text()
+    assert "44.0 minutes" in card and "**0.400**" in card and "**0.800**" in card  # stage III with DPM-Solver
+    assert "after stage I" in card and "after stage II" in card
+    assert json.loads((destination / release.EVALUATION_FILE).read_text())["final"]["generation"]["overall"] == pytest.approx(0.3)
+    assert (destination / "model.safetensors").is_file()
+    monkeypatch.setattr(release, "MAX_BUNDLED_BYTES", 1000)
+    with pytest.raises(ValueError, match="over the 0 MB limit"):
+        release.release(run, tmp_path / "too-big")
+    assert not (tmp_path / "too-big").exists()

@@ -143,6 +143,9 @@ def test_resume_continues_exactly(harmon_folder, data, tmp_path):
     expected = HarmonForConditionalGeneration.from_pretrained(tmp_path / "straight" / "final").state_dict()
     actual = HarmonForConditionalGeneration.from_pretrained(tmp_path / "resumed" / "final").state_dict()
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    from transformers import AutoProcessor  # every checkpoint carries the processor: it loads as a model folder alone
+
+    assert AutoProcessor.from_pretrained(tmp_path / "straight" / "checkpoint-4").num_buffer_tokens == 4
 
 
 def test_bad_samples_are_skipped_counted_and_keep_the_mix(harmon_folder, data, tmp_path):

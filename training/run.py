@@ -82,6 +82,7 @@ def train(recipe: Recipe, resume: bool | str = False) -> Path:
         args=args,
         train_dataset=stream,
         data_collator=HarmonDataCollator(processor.tokenizer.pad_token_id, processor.image_processor, recipe.image_size),
+        processing_class=processor,  # saved with every checkpoint and the final folder, so each one loads alone
         recipe=recipe,
     )
     if state.is_main_process:
@@ -89,7 +90,5 @@ def train(recipe: Recipe, resume: bool | str = False) -> Path:
     trainer.train(resume_from_checkpoint=resume or None)
     trainer.save_state()  # trainer_state.json in output_dir: the whole log history
     final = Path(recipe.output_dir) / ("adapter" if recipe.lora is not None else "final")
-    trainer.save_model(str(final))  # a normal model folder (or the adapter alone with LoRA)
-    if state.is_main_process:
-        processor.save_pretrained(final)
+    trainer.save_model(str(final))  # a normal model folder with its processor (or the adapter alone with LoRA)
     return final

@@ -10,6 +10,9 @@ from pathlib import Path
 
 MODEL_ENVIRONMENT_VARIABLE = "HARMON_MODEL"
 DPM_SOLVER_STEPS = 20  # diffusion-head steps of `harmon eval --scheduler dpm-solver` unless --steps says otherwise
+# DPM-Solver++ on the cosine schedule starts where alpha is ~5e-5 and its x_0 estimate explodes; diffusers' remedy
+# is to start from the step where lambda = log(alpha / sigma) reaches this value (its documented value for cosine).
+DPM_SOLVER_LAMBDA_MIN = -5.1
 
 
 class CommandError(Exception):
@@ -262,7 +265,9 @@ def _evaluate(args):
     if args.scheduler == "dpm-solver":
         from diffusers import DPMSolverMultistepScheduler
 
-        pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config, variance_type=None)
+        pipeline.scheduler = DPMSolverMultistepScheduler.from_config(
+            pipeline.scheduler.config, variance_type=None, lambda_min_clipped=DPM_SOLVER_LAMBDA_MIN
+        )
         sampling["num_inference_steps"] = args.steps or DPM_SOLVER_STEPS
     results = shapes_eval(pipeline, args.n, args.seed, **sampling)
     results["sampler"] = {"scheduler": args.scheduler, **sampling}

@@ -71,6 +71,7 @@ def evaluate_understanding(pipeline, count: int, seed: int = 0, batch_size: int 
 def shapes_eval(pipeline, count: int = 200, seed: int = 0, **sampling) -> dict:
     """Both halves of ShapesEval with `count` samples each:
     {"generation": {"overall", category...}, "understanding": {"overall", type...}, "seconds_per_image", "samples"}."""
+    pipeline.set_progress_bar_config(disable=True)  # one bar for the whole evaluation, not one per batch
     with tqdm(total=2 * count, desc="ShapesEval", unit="sample") as progress:
         generation, seconds = evaluate_generation(pipeline, count, seed, progress=progress, **sampling)
         understanding = evaluate_understanding(pipeline, count, seed, progress=progress)

@@ -75,18 +75,21 @@ and `shapes/stage3` (a fifth of the learning rates, 1 : 3 : 16). Training never 
 """
 
 
-def release(run: Path):
+def release(run: Path, destination: Path = BUNDLED_MODEL) -> Path:
+    """Copy the run's final model to `destination` (the package's bundled model) with its card and scores."""
     final = run / "stage3" / "final"
-    if BUNDLED_MODEL.exists():
-        shutil.rmtree(BUNDLED_MODEL)
-    shutil.copytree(final, BUNDLED_MODEL, ignore=shutil.ignore_patterns("training_args.bin"))
     results = collect_results(run)
-    (BUNDLED_MODEL / EVALUATION_FILE).write_text(json.dumps(results, indent=2) + "\n")
-    (BUNDLED_MODEL / "README.md").write_text(model_card(results))
-    size = sum(f.stat().st_size for f in BUNDLED_MODEL.iterdir())
+    if destination.exists():
+        shutil.rmtree(destination)
+    shutil.copytree(final, destination, ignore=shutil.ignore_patterns("training_args.bin"))
+    (destination / EVALUATION_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    (destination / "README.md").write_text(model_card(results))
+    size = sum(f.stat().st_size for f in destination.iterdir())
     if size > MAX_BUNDLED_BYTES:
-        raise ValueError(f"the bundled model is {size / 2**20:.1f} MB, over the {MAX_BUNDLED_BYTES / 2**20:.0f} MB limit")
-    print(f"bundled {final} in {BUNDLED_MODEL} ({size / 2**20:.1f} MB)")
+        shutil.rmtree(destination)
+        raise ValueError(f"the model is {size / 2**20:.1f} MB, over the {MAX_BUNDLED_BYTES / 2**20:.0f} MB limit")
+    print(f"bundled {final} in {destination} ({size / 2**20:.1f} MB)")
+    return destination
 
 
 if __name__ == "__main__":
