@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from .detector import Requirement
-from .world import (QUESTION_TYPES, REGION_PHRASES, Scene, _object_phrase, _plural, NUMBER_WORDS, pick_question,
+from .world import (NUMBER_WORDS, QUESTION_TYPES, REGION_PHRASES, Scene, object_phrase, pick_question, plural,
                     render, sample_split_scene)
 
 
@@ -38,20 +38,20 @@ def generation_case(category: str, scene: Scene) -> GenerationCase:
     objects = scene.objects
     if category == "object":
         obj = objects[0]
-        prompt = f"{_object_phrase(obj, mention_colour=False)} {REGION_PHRASES[scene.region][0]}"
+        prompt = f"{object_phrase(obj, mention_colour=False)} {REGION_PHRASES[scene.region][0]}"
         requirement = Requirement(((None, obj.shape, 1),), region=scene.region)
     elif category == "colour":
-        prompt = _object_phrase(objects[0])
+        prompt = object_phrase(objects[0])
         requirement = Requirement(((objects[0].colour, objects[0].shape, 1),))
     elif category == "count":
         obj = objects[0]
-        prompt = f"{NUMBER_WORDS[len(objects)]} {obj.colour} {_plural(obj.shape)}"
+        prompt = f"{NUMBER_WORDS[len(objects)]} {obj.colour} {plural(obj.shape)}"
         requirement = Requirement(((obj.colour, obj.shape, len(objects)),))
     elif category == "two objects":
-        prompt = f"{_object_phrase(objects[0])} and {_object_phrase(objects[1])}"
+        prompt = f"{object_phrase(objects[0])} and {object_phrase(objects[1])}"
         requirement = Requirement(tuple((obj.colour, obj.shape, 1) for obj in objects))
     else:
-        prompt = f"{_object_phrase(objects[0])} {scene.relation} {_object_phrase(objects[1])}"
+        prompt = f"{object_phrase(objects[0])} {scene.relation} {object_phrase(objects[1])}"
         requirement = Requirement(tuple((obj.colour, obj.shape, 1) for obj in objects), relation=scene.relation)
     return GenerationCase(category, prompt, requirement, scene)
 

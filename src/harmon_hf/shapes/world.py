@@ -215,11 +215,11 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
 # -- language -------------------------------------------------------------------------------------------------------
 
 
-def _plural(shape: str) -> str:
+def plural(shape: str) -> str:
     return shape + "s"
 
 
-def _object_phrase(obj: ShapeObject, mention_size: bool = False, mention_colour: bool = True) -> str:
+def object_phrase(obj: ShapeObject, mention_size: bool = False, mention_colour: bool = True) -> str:
     words = " ".join([obj.size] * mention_size + [obj.colour] * mention_colour + [obj.shape])
     return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
 
@@ -229,16 +229,16 @@ def caption(scene: Scene, rng: random.Random) -> str:
     objects = scene.objects
     if scene.kind == "single":
         mention_colour = rng.random() < 0.8
-        phrase = _object_phrase(objects[0], mention_size=rng.random() < 0.3, mention_colour=mention_colour)
+        phrase = object_phrase(objects[0], mention_size=rng.random() < 0.3, mention_colour=mention_colour)
         if not mention_colour or rng.random() < 0.6:
             phrase = f"{phrase} {rng.choice(REGION_PHRASES[scene.region])}"
     elif scene.kind == "count":
         obj = objects[0]
-        phrase = f"{NUMBER_WORDS[len(objects)]} {obj.colour} {_plural(obj.shape)}"
+        phrase = f"{NUMBER_WORDS[len(objects)]} {obj.colour} {plural(obj.shape)}"
     elif scene.kind == "pair":
-        phrase = f"{_object_phrase(objects[0])} and {_object_phrase(objects[1])}"
+        phrase = f"{object_phrase(objects[0])} and {object_phrase(objects[1])}"
     else:
-        phrase = f"{_object_phrase(objects[0])} {scene.relation} {_object_phrase(objects[1])}"
+        phrase = f"{object_phrase(objects[0])} {scene.relation} {object_phrase(objects[1])}"
     if rng.random() < 0.3:
         phrase = rng.choice(("an image of {}", "a picture of {}", "{} on a white background")).format(phrase)
     return phrase
@@ -256,7 +256,7 @@ def questions(scene: Scene) -> list[tuple[str, str, str]]:
         if colours.count(obj.colour) == 1:
             asked.append(("shape", f"What shape is the {obj.colour} object?", obj.shape))
     for shape in SHAPES:
-        asked.append(("count", f"How many {_plural(shape)} are there?", NUMBER_WORDS[shapes.count(shape)]))
+        asked.append(("count", f"How many {plural(shape)} are there?", NUMBER_WORDS[shapes.count(shape)]))
     asked.append(("count", "How many shapes are there?", NUMBER_WORDS[len(objects)]))
     if scene.kind == "single":
         asked.append(("position", f"Where is the {objects[0].name}?", scene.region))
