@@ -55,8 +55,9 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
         raise ValueError(f"training.{sorted(unknown)[0]} is set by harmon train and cannot be changed")
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     # use_cpu lets processes launched without GPUs form a (gloo) group instead of each training alone.
-    values = {**DEFAULT_ARGUMENTS, "bf16": bf16, "use_cpu": not torch.cuda.is_available(), "seed": recipe.seed, "weight_decay": recipe.weight_decay,
-              "learning_rate": max(recipe.learning_rates.values()), **recipe.training, **FIXED_ARGUMENTS}
+    values = {**DEFAULT_ARGUMENTS, "bf16": bf16, "use_cpu": not torch.cuda.is_available(), "seed": recipe.seed,
+              "weight_decay": recipe.weight_decay, "learning_rate": max(recipe.learning_rates.values()),
+              **recipe.training, **FIXED_ARGUMENTS}
     try:
         return TrainingArguments(output_dir=recipe.output_dir, **values)
     except TypeError as error:

@@ -187,6 +187,11 @@ def _sample_paths(outdir: Path, index: int, count: int) -> list[Path]:
 # -- understanding --------------------------------------------------------------------------------------------------
 
 
+def answer_stop_ids(tokenizer) -> list[int]:
+    """Token ids that end an answer: the end of the assistant's turn, or of the text."""
+    return tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+
+
 def stream_answer(pipeline, messages, images, max_new_tokens: int) -> str:
     """Generate the assistant's answer to `messages`, printing it token by token; returns the full answer."""
     from transformers import TextIteratorStreamer
@@ -195,7 +200,7 @@ def stream_answer(pipeline, messages, images, max_new_tokens: int) -> str:
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(text=text, images=images).to(model.device)
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    stop_ids = processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    stop_ids = answer_stop_ids(processor.tokenizer)
     thread = threading.Thread(
         target=model.generate,
         kwargs=dict(**inputs, streamer=streamer, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids),

@@ -19,7 +19,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from .cli import CommandError, image_question, load_pipeline
+from .cli import CommandError, answer_stop_ids, image_question, load_pipeline
 from .pipeline_harmon import HarmonPipeline
 
 
@@ -211,8 +211,8 @@ class HarmonDemo:
             processor, model = self.pipeline.processor, self.pipeline.model
             inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True),
                                images=[image.convert("RGB")]).to(model.device)
-            stop_ids = processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-            model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
+            model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                           eos_token_id=answer_stop_ids(processor.tokenizer),
                            streamer=_AnswerStreamer(processor.tokenizer, report),
                            stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]))
 

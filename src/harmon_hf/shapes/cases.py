@@ -6,8 +6,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from .detector import Requirement
-from .world import (NUMBER_WORDS, QUESTION_TYPES, REGION_PHRASES, Scene, object_phrase, pick_question, plural,
-                    render, sample_split_scene)
+from .world import QUESTION_TYPES, REGION_PHRASES, Scene, describe, pick_question, render, sample_split_scene
 
 
 # Category -> the kind of scene its prompts describe.
@@ -36,23 +35,15 @@ class UnderstandingCase:
 
 def generation_case(category: str, scene: Scene) -> GenerationCase:
     objects = scene.objects
-    if category == "object":
-        obj = objects[0]
-        prompt = f"{object_phrase(obj, mention_colour=False)} {REGION_PHRASES[scene.region][0]}"
-        requirement = Requirement(((None, obj.shape, 1),), region=scene.region)
-    elif category == "colour":
-        prompt = object_phrase(objects[0])
-        requirement = Requirement(((objects[0].colour, objects[0].shape, 1),))
-    elif category == "count":
-        obj = objects[0]
-        prompt = f"{NUMBER_WORDS[len(objects)]} {obj.colour} {plural(obj.shape)}"
-        requirement = Requirement(((obj.colour, obj.shape, len(objects)),))
-    elif category == "two objects":
-        prompt = f"{object_phrase(objects[0])} and {object_phrase(objects[1])}"
-        requirement = Requirement(tuple((obj.colour, obj.shape, 1) for obj in objects))
+    if category == "object":  # the shape and its place, not its colour
+        prompt = describe(scene, mention_colour=False, region_phrase=REGION_PHRASES[scene.region][0])
+        requirement = Requirement(((None, objects[0].shape, 1),), region=scene.region)
     else:
-        prompt = f"{object_phrase(objects[0])} {scene.relation} {object_phrase(objects[1])}"
-        requirement = Requirement(tuple((obj.colour, obj.shape, 1) for obj in objects), relation=scene.relation)
+        prompt = describe(scene)
+        if category in ("colour", "count"):
+            requirement = Requirement(((objects[0].colour, objects[0].shape, len(objects)),))
+        else:
+            requirement = Requirement(tuple((obj.colour, obj.shape, 1) for obj in objects), relation=scene.relation)
     return GenerationCase(category, prompt, requirement, scene)
 
 

@@ -6,6 +6,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from ..cli import answer_stop_ids, image_question
 from .cases import GENERATION_CATEGORIES, generation_cases, understanding_cases
 from .detector import detect, satisfies
 from .world import QUESTION_TYPES
@@ -49,14 +50,13 @@ def evaluate_understanding(pipeline, count: int, seed: int = 0, batch_size: int 
     """Answer one question about each held-out image, greedily; exact match with the one-word answer."""
     processor, model = pipeline.processor, pipeline.model
     size = model.config.image_size
-    stop_ids = processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    stop_ids = answer_stop_ids(processor.tokenizer)
     cases = understanding_cases(count, seed)
     correct = {question_type: [] for question_type in QUESTION_TYPES}
     for start in range(0, len(cases), batch_size):
         batch = cases[start : start + batch_size]
-        texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": case.question}]}],
-                                               add_generation_prompt=True) for case in batch]
+        texts = [processor.apply_chat_template([image_question(case.question)], add_generation_prompt=True)
+                 for case in batch]
         inputs = processor(text=texts, images=[case.image(size) for case in batch]).to(model.device)
         output = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=stop_ids,
                                 pad_token_id=processor.tokenizer.pad_token_id)

@@ -49,6 +49,8 @@ REGION_PHRASES = {
 RELATIONS = {"left of": (0, 1), "right of": (0, -1), "above": (1, 1), "below": (1, -1)}
 SIZES = {"small": 0.1875, "big": 0.25}  # bounding-box side over the canvas side: 12 and 16 px at 64 px
 KINDS = ("single", "count", "pair", "relation")
+SPLITS = ("train", "heldout")
+QUESTION_TYPES = ("colour", "shape", "count", "position", "yes/no")
 HELD_OUT_SHARE = 0.15
 SUPERSAMPLE = 4  # drawn this many times larger, then downsampled: anti-aliased edges
 
@@ -165,6 +167,7 @@ def sample_scene(rng: random.Random, kind: str | None = None) -> Scene:
         return Scene(kind, tuple(_object(shape, colour, block, size) for block in _place(rng, count)))
     types = _random_object_types(rng, 2)
     sizes = [rng.choice(list(SIZES)), rng.choice(list(SIZES))]
+    relation = None
     if kind == "pair":
         blocks = _place(rng, 2)
     else:
@@ -178,13 +181,17 @@ def sample_scene(rng: random.Random, kind: str | None = None) -> Scene:
         across = (across, min(max(across + rng.choice((-1, 0, 1)), 0), LAST_BLOCK))
         blocks = [(along[i], across[i]) if axis == 0 else (across[i], along[i]) for i in range(2)]
     objects = tuple(_object(shape, colour, block, size) for (colour, shape), block, size in zip(types, blocks, sizes))
-    return Scene(kind, objects, relation=relation if kind == "relation" else None)
+    return Scene(kind, objects, relation=relation)
+
+
+def check_split(split: str):
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
 def sample_split_scene(rng: random.Random, split: str, kind: str | None = None) -> Scene:
     """A scene of the split: `train` (combination not held out) or `heldout` (held out)."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    check_split(split)
     while True:
         scene = sample_scene(rng, kind)
         if is_held_out(scene.combination) == (split == "heldout"):
@@ -224,21 +231,31 @@ def object_phrase(obj: ShapeObject, mention_size: bool = False, mention_colour: 
     return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
 
 
-def caption(scene: Scene, rng: random.Random) -> str:
-    """One of several phrasings of everything the scene's combination names."""
+def describe(scene: Scene, mention_colour: bool = True, mention_size: bool = False,
+             region_phrase: str | None = None) -> str:
+    """The scene in words; a single object may leave out its colour, or add its size and where it is."""
     objects = scene.objects
     if scene.kind == "single":
-        mention_colour = rng.random() < 0.8
-        phrase = object_phrase(objects[0], mention_size=rng.random() < 0.3, mention_colour=mention_colour)
-        if not mention_colour or rng.random() < 0.6:
-            phrase = f"{phrase} {rng.choice(REGION_PHRASES[scene.region])}"
-    elif scene.kind == "count":
+        phrase = object_phrase(objects[0], mention_size, mention_colour)
+        return f"{phrase} {region_phrase}" if region_phrase else phrase
+    if scene.kind == "count":
         obj = objects[0]
-        phrase = f"{NUMBER_WORDS[len(objects)]} {obj.colour} {plural(obj.shape)}"
-    elif scene.kind == "pair":
-        phrase = f"{object_phrase(objects[0])} and {object_phrase(objects[1])}"
+        return f"{NUMBER_WORDS[len(objects)]} {obj.colour} {plural(obj.shape)}"
+    link = "and" if scene.kind == "pair" else scene.relation
+    return f"{object_phrase(objects[0])} {link} {object_phrase(objects[1])}"
+
+
+def caption(scene: Scene, rng: random.Random) -> str:
+    """One of several phrasings of everything the scene's combination names."""
+    if scene.kind == "single":
+        mention_colour = rng.random() < 0.8
+        mention_size = rng.random() < 0.3
+        # Without its colour the object is named by its place, so the caption still tells it apart.
+        placed = not mention_colour or rng.random() < 0.6
+        region_phrase = rng.choice(REGION_PHRASES[scene.region]) if placed else None
+        phrase = describe(scene, mention_colour, mention_size, region_phrase)
     else:
-        phrase = f"{object_phrase(objects[0])} {scene.relation} {object_phrase(objects[1])}"
+        phrase = describe(scene)
     if rng.random() < 0.3:
         phrase = rng.choice(("an image of {}", "a picture of {}", "{} on a white background")).format(phrase)
     return phrase
@@ -262,16 +279,14 @@ def questions(scene: Scene) -> list[tuple[str, str, str]]:
         asked.append(("position", f"Where is the {objects[0].name}?", scene.region))
     if scene.kind == "relation":
         a, b = objects
-        answer = {"left of": "left", "right of": "right", "above": "above", "below": "below"}[scene.relation]
-        asked.append(("position", f"Where is the {a.name} relative to the {b.name}?", answer))
+        asked.append(("position", f"Where is the {a.name} relative to the {b.name}?",
+                      scene.relation.removesuffix(" of")))
     names = {obj.name for obj in objects}
     for colour in PALETTE:
         for shape in SHAPES:
             asked.append(("yes/no", f"Is there a {colour} {shape}?", "yes" if f"{colour} {shape}" in names else "no"))
     return asked
 
-
-QUESTION_TYPES = ("colour", "shape", "count", "position", "yes/no")
 
 
 def pick_question(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
@@ -315,8 +330,7 @@ def _rows(split: str, seed: "int | str", size: int, limit: int | None):
 def shapes_dataset(split: str = "train", seed: "int | str" = 0, size: int = 64, limit: int | None = None):
     """The shapes world as a streamed `datasets.IterableDataset` (endless unless `limit`): an image, a caption
     (`text`), a conversation of questions about it (`conversations`) and the scene's kind."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    check_split(split)  # now: the rows are generated lazily
     if size < 32:
         raise ValueError(f"size must be at least 32 pixels, got {size}")
     from datasets import IterableDataset  # the training extra: rendering and judging scenes do not need it
