@@ -67,6 +67,8 @@ class HarmonConfig(PreTrainedConfig):
         text_config (`dict` or `PreTrainedConfig`): the Qwen2 LLM.
         vae_config (`dict`): a diffusers `AutoencoderKL` config (the KL-16 VAE by default).
         vae_scale (`float`): latents are the VAE posterior's mode times this factor.
+        patch_size (`int`): latent pixels per token side, as MAR's `patch_size`: a token holds a patch_size x
+            patch_size patch of latent pixels, channels first (1 for the released models).
         encoder_hidden_size / encoder_num_hidden_layers / encoder_num_attention_heads: the MAR encoder ViT.
         decoder_hidden_size / decoder_num_hidden_layers / decoder_num_attention_heads: the MAR decoder ViT.
         mlp_ratio (`float`): MLP width over hidden width in the MAR blocks.
@@ -94,6 +96,7 @@ class HarmonConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     vae_config: dict | None = None
     vae_scale: float = 0.2325
+    patch_size: int = 1
     encoder_hidden_size: int = 768
     encoder_num_hidden_layers: int = 12
     encoder_num_attention_heads: int = 12
@@ -132,12 +135,14 @@ class HarmonConfig(PreTrainedConfig):
 
     @property
     def vae_stride(self) -> int:
-        """Pixels per latent token side: the VAE halves the resolution at every level but the last."""
-        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+        """Pixels per latent token side: the VAE halves the resolution at every level but the last, and a token
+        spans patch_size latent pixels."""
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1) * self.patch_size
 
     @property
-    def latent_channels(self) -> int:
-        return self.vae_config["latent_channels"]
+    def token_channels(self) -> int:
+        """Values per latent token: the VAE's channels over a patch_size x patch_size patch."""
+        return self.vae_config["latent_channels"] * self.patch_size**2
 
     @classmethod
     def from_release(cls, name: str, **kwargs) -> "HarmonConfig":

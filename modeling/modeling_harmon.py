@@ -136,7 +136,7 @@ class HarmonMAREncoder(nn.Module):
         width = config.encoder_hidden_size
         self.buffer_size = config.buffer_size
         self.base_grid_size = config.base_grid_size
-        self.token_proj = nn.Linear(config.latent_channels, width)
+        self.token_proj = nn.Linear(config.token_channels, width)
         self.buffer_embedding = nn.Parameter(torch.zeros(1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.buffer_size + config.base_grid_size**2, width))
         self.token_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
@@ -231,15 +231,15 @@ class HarmonDiffusionHead(nn.Module):
     def __init__(self, config: HarmonConfig):
         super().__init__()
         width = config.diffusion_head_hidden_size
-        self.latent_channels = config.latent_channels
-        self.input_proj = nn.Linear(config.latent_channels, width)
+        self.token_channels = config.token_channels
+        self.input_proj = nn.Linear(config.token_channels, width)
         self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(256, width)
         self.cond_embed = nn.Linear(config.decoder_hidden_size, width)
         self.res_blocks = nn.ModuleList(
             [HarmonDiffusionResBlock(width) for _ in range(config.diffusion_head_num_layers)]
         )
-        self.final_layer = HarmonDiffusionFinalLayer(width, 2 * config.latent_channels)
+        self.final_layer = HarmonDiffusionFinalLayer(width, 2 * config.token_channels)
 
     @property
     def modulation_width(self) -> int:
@@ -281,7 +281,7 @@ class HarmonDiffusionHead(nn.Module):
             return self.denoise(noisy, modulations)
         conditional = noisy[: len(noisy) // 2]
         output = self.denoise(torch.cat([conditional, conditional]), modulations)
-        epsilon, variance_value = output.split(self.latent_channels, dim=-1)
+        epsilon, variance_value = output.split(self.token_channels, dim=-1)
         epsilon_cond, epsilon_uncond = epsilon.chunk(2)
         guided = epsilon_uncond + guidance_scale * (epsilon_cond - epsilon_uncond)
         return torch.cat([torch.cat([guided, guided]), variance_value], dim=-1)
@@ -378,20 +378,45 @@ class HarmonPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
 
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # transformers skips modules without parameters of their own in remote code, in case their init writes
+        # tensors in place; every init here goes through `transformers.initialization`, which leaves loaded tensors
+        # alone, and the containers below must run after their children.
+        super()._initialize_weights(module, is_custom_code=False)
+
     def _init_weights(self, module):
-        """MAR's initialisation of its learned embeddings and zero-initialised modulation; the default elsewhere."""
-        if isinstance(module, (HarmonMAREncoder, HarmonMARDecoder)):
+        """MAR's initialisation for the modules that come from MAR (Xavier-uniform linear layers, N(0, 0.02) learned
+        embeddings and timestep MLP, zero adaptive-norm modulation and head output), the default elsewhere. It only
+        matters when training from scratch: the released weights replace all of it."""
+        super()._init_weights(module)
+        # Modules are initialised children first, so a container's choices below override its children's defaults.
+        if isinstance(module, HarmonMARBlock):
+            for linear in (module.attn.qkv, module.attn.proj, module.mlp.fc1, module.mlp.fc2):
+                xavier_uniform_linear(linear)
+        elif isinstance(module, (HarmonMAREncoder, HarmonMARDecoder)):
             for parameter in module.parameters(recurse=False):
                 init.normal_(parameter, std=0.02)
-        elif isinstance(module, (HarmonDiffusionResBlock, HarmonDiffusionFinalLayer)):
-            super()._init_weights(module)
+            xavier_uniform_linear(module.token_proj if isinstance(module, HarmonMAREncoder) else module.embed)
+        elif isinstance(module, HarmonDiffusionResBlock):
+            xavier_uniform_linear(module.fc1)
+            xavier_uniform_linear(module.fc2)
             init.zeros_(module.modulation.weight)
             init.zeros_(module.modulation.bias)
-            if isinstance(module, HarmonDiffusionFinalLayer):
-                init.zeros_(module.linear.weight)
-                init.zeros_(module.linear.bias)
-        else:
-            super()._init_weights(module)
+        elif isinstance(module, HarmonDiffusionFinalLayer):
+            for linear in (module.modulation, module.linear):
+                init.zeros_(linear.weight)
+                init.zeros_(linear.bias)
+        elif isinstance(module, HarmonDiffusionHead):
+            xavier_uniform_linear(module.input_proj)
+            xavier_uniform_linear(module.cond_embed)
+            for linear in (module.time_embed.linear_1, module.time_embed.linear_2):
+                init.normal_(linear.weight, std=0.02)
+                init.zeros_(linear.bias)
+
+
+def xavier_uniform_linear(linear: nn.Linear):
+    init.xavier_uniform_(linear.weight)
+    init.zeros_(linear.bias)
 
 
 class HarmonModel(HarmonPreTrainedModel):
@@ -440,16 +465,29 @@ class HarmonModel(HarmonPreTrainedModel):
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (b, 3, H, W) in [-1, 1] -> scaled latents (b, H/16, W/16, c): the posterior's mode."""
+        """pixel_values (b, 3, H, W) in [-1, 1] -> scaled latent tokens (b, H/16, W/16, c): the posterior's mode
+        (16 = vae_stride, c = token_channels)."""
         self.check_pixel_values(pixel_values)
         posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
-        return (posterior.mode() * self.config.vae_scale).permute(0, 2, 3, 1)
+        latents = posterior.mode() * self.config.vae_scale  # (b, c_vae, p*h, p*w)
+        patch = self.config.patch_size
+        if patch == 1:  # the released models: the same tensor layout, hence the same kernels and bits, as before
+            return latents.permute(0, 2, 3, 1)
+        batch, channels, height, width = latents.shape
+        patches = latents.reshape(batch, channels, height // patch, patch, width // patch, patch)
+        return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, height // patch, width // patch, -1)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents (b, h, w, c) -> pixels (b, 3, 16h, 16w), nominally in [-1, 1] (not clamped)."""
-        latents = (latents / self.config.vae_scale).permute(0, 3, 1, 2).to(self.vae.dtype)
-        return self.vae.decode(latents).sample
+        """latent tokens (b, h, w, c) -> pixels (b, 3, 16h, 16w), nominally in [-1, 1] (not clamped)."""
+        batch, height, width, _ = latents.shape
+        patch = self.config.patch_size
+        if patch == 1:
+            latents = latents.permute(0, 3, 1, 2)
+        else:
+            patches = latents.reshape(batch, height, width, -1, patch, patch).permute(0, 3, 1, 4, 2, 5)
+            latents = patches.reshape(batch, -1, height * patch, width * patch)
+        return self.vae.decode((latents / self.config.vae_scale).to(self.vae.dtype)).sample
 
     # -- understanding ------------------------------------------------------------------------------------------
 
@@ -600,7 +638,7 @@ class HarmonModel(HarmonPreTrainedModel):
         num_independent = num_rows // 2 if guidance_scale != 1.0 else num_rows
         if latents is None:
             latents = torch.randn(
-                (num_independent, self.config.latent_channels), generator=generator, dtype=torch.float32
+                (num_independent, self.config.token_channels), generator=generator, dtype=torch.float32
             ).to(conditions.device)
         sample = latents.float().repeat(num_rows // num_independent, 1)
         if not learned_variance:
@@ -631,7 +669,7 @@ class HarmonModel(HarmonPreTrainedModel):
                         temperature=temperature,
                     ).prev_sample
                 else:
-                    epsilon = model_output[:, : self.config.latent_channels]
+                    epsilon = model_output[:, : self.config.token_channels]
                     sample = scheduler.step(epsilon, timestep, sample, generator=generator).prev_sample
         return sample
 
@@ -641,7 +679,7 @@ class HarmonModel(HarmonPreTrainedModel):
         """Per-token `mse`, `vb` (bits, mean prediction detached) and `loss` = mse + vb of the diffusion head."""
         noisy = self.noise_scheduler.add_noise(target, noise, timesteps)
         output = self.diffusion_head(noisy, timesteps, conditions).float()
-        epsilon, variance_value = output.split(self.config.latent_channels, dim=-1)
+        epsilon, variance_value = output.split(self.config.token_channels, dim=-1)
         mse = ((noise - epsilon) ** 2).mean(dim=-1)
         vb = self.noise_scheduler.variational_bound(
             torch.cat([epsilon.detach(), variance_value], dim=-1), target, noisy, timesteps
@@ -829,7 +867,7 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         attention_mask = attention_mask.to(device)
 
         if image_latents is None:
-            tokens = torch.zeros(batch, num_tokens, self.config.latent_channels, device=device)
+            tokens = torch.zeros(batch, num_tokens, self.config.token_channels, device=device)
             mask = torch.ones(batch, num_tokens, device=device)
         else:
             if tuple(image_latents.shape[:3]) != (batch, *grid_size) or mask is None:

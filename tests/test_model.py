@@ -236,3 +236,55 @@ def test_clip_range_bounds_the_predicted_latent_in_sampling_only(tiny_model):
     model_scheduler = HarmonModel(config).make_sampling_scheduler()
     assert model_scheduler.config.clip_sample and model_scheduler.config.clip_sample_range == 5.0
     assert not tiny_model.model.make_sampling_scheduler().config.clip_sample  # the released models: as the reference
+
+
+@torch.no_grad()
+def test_patch_size_groups_latent_pixels_into_tokens(tiny_model):
+    from harmon_hf import HarmonForConditionalGeneration, HarmonModel
+
+    config = copy.deepcopy(tiny_model.config)
+    config.patch_size = 2
+    config.base_grid_size = config.base_grid_size // 2
+    model = HarmonModel(config).eval()
+    model.vae.load_state_dict(tiny_model.model.vae.state_dict())
+    assert config.vae_stride == 2 * tiny_model.config.vae_stride
+    assert config.token_channels == 4 * tiny_model.config.token_channels
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    unpatched = tiny_model.model.encode_images(pixels)  # (2, 4, 4, c): one latent pixel per token
+    tokens = model.encode_images(pixels)  # (2, 2, 2, 4c): a 2 x 2 patch per token, channels first as in MAR
+    assert tokens.shape == (2, 2, 2, 4 * unpatched.shape[-1])
+    patch = unpatched[:, 2:4, 0:2].permute(0, 3, 1, 2).reshape(2, -1)  # the patch of token (row 1, column 0)
+    assert torch.equal(tokens[:, 1, 0], patch)
+    assert_close(model.decode_latents(tokens), tiny_model.model.decode_latents(unpatched), 1e-4, "decoded pixels")
+    # Understanding takes one placeholder per (patched) token.
+    image_ids = torch.tensor([[1, 2] + [config.image_token_id] * (2 * 2 + config.buffer_size) + [3]])
+    logits = HarmonForConditionalGeneration(config).eval()(input_ids=image_ids, pixel_values=pixels[:1]).logits
+    assert logits.shape[:2] == image_ids.shape
+
+
+def test_fresh_model_has_mars_initialisation(tiny_model):
+    from harmon_hf import HarmonModel
+
+    model = HarmonModel(copy.deepcopy(tiny_model.config))
+    head = model.diffusion_head
+    # adaLN modulation and the head's output start at zero, so the head starts as the identity on its input path.
+    for block in head.res_blocks:
+        assert not block.modulation.weight.any() and not block.modulation.bias.any()
+    assert not head.final_layer.modulation.weight.any() and not head.final_layer.linear.weight.any()
+    xavier_linears = [model.mar_decoder.stack.layers[0].attn.qkv, model.mar_encoder.stack.layers[0].mlp.fc1,
+                      model.mar_decoder.embed, head.input_proj, head.cond_embed, head.res_blocks[0].fc1]
+    for linear in xavier_linears:
+        bound = (6 / (linear.in_features + linear.out_features)) ** 0.5
+        assert linear.weight.abs().max() <= bound and linear.weight.abs().max() > 0.9 * bound
+        assert not linear.bias.any()
+    assert abs(head.time_embed.linear_1.weight.std().item() - 0.02) < 0.003
+    assert abs(model.mar_decoder.pos_embed.std().item() - 0.02) < 0.003
+
+
+def test_loading_keeps_the_saved_weights(tiny_model, tmp_path):
+    from harmon_hf import HarmonForConditionalGeneration
+
+    tiny_model.save_pretrained(tmp_path)
+    loaded = HarmonForConditionalGeneration.from_pretrained(tmp_path)
+    saved = tiny_model.state_dict()
+    assert all(torch.equal(tensor, saved[name]) for name, tensor in loaded.state_dict().items())

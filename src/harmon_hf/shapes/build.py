@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from ..modeling import HarmonConfig, HarmonForConditionalGeneration
 from ..modeling.processing_harmon import GENERATION_INSTRUCTION, IMAGE_TOKEN, UNCONDITIONAL_PROMPT
 from .vae import SHAPES_VAE, train_vae
-from .world import corpus_texts
+from .world import CELLS, corpus_texts
 
 
 # Qwen2.5's special tokens that Harmon's chat template uses, then the image placeholder.
@@ -45,7 +45,8 @@ SHAPES_HARMON = {
     "attention_dropout": 0.0,
     "hidden_dropout": 0.0,
     "buffer_size": 4,
-    "base_grid_size": IMAGE_SIZE // 8,
+    "patch_size": 2,  # 2 x 2 latent pixels of the autoencoder (stride 8) per token: 16 px, one cell of the world
+    "base_grid_size": CELLS,  # one latent token per cell of the world's grid
     "diffusion_head_hidden_size": 192,
     "diffusion_head_num_layers": 3,
     "diffusion_batch_mul": 2,

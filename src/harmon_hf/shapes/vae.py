@@ -1,6 +1,7 @@
 """A small KL autoencoder (diffusers `AutoencoderKL`) for the shapes world, and its short training.
 
-Pixels -> latents at 1/8 of the side with 8 channels. Trained with L1 + L2 reconstruction losses and a small KL term on
+Pixels -> latents at 1/8 of the side with 8 channels; Harmon-Shapes groups them 2 x 2 into tokens (patch_size 2),
+so a token covers 16 px, as the released KL-16's do, and one token is one cell of the world's grid. Trained with L1 + L2 reconstruction losses and a small KL term on
 freshly rendered scenes of both splits (the autoencoder sees pixels only, never captions), then the latents'
 standard deviation sets the scale Harmon multiplies them by, as `vae_scale` does for the released KL-16.
 """
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from .world import render, sample_scene
+from ..modeling.image_processing_harmon import HarmonImageProcessor
+from .world import CELLS, render, sample_scene
 
 
 SHAPES_VAE = {
@@ -33,13 +35,17 @@ KL_WEIGHT = 1e-6
 INITIAL_LOG_VARIANCE = -8.0
 
 
-def scene_batch(rng: random.Random, batch_size: int, size: int, crop: int | None = None) -> torch.Tensor:
-    """Freshly rendered scenes in [-1, 1], (b, 3, crop or size, crop or size); crops at random places."""
+def scene_batch(rng: random.Random, batch_size: int, size: int, crop_cells: int | None = None) -> torch.Tensor:
+    """Freshly rendered scenes in [-1, 1], (b, 3, side, side): whole, or crops of `crop_cells` grid cells at random
+    cells (so every cell still maps onto one latent token)."""
     images = np.stack([np.asarray(render(sample_scene(rng), size)) for _ in range(batch_size)])
-    if crop is not None:
+    if crop_cells is not None:
+        cell = size // CELLS
+        crop = crop_cells * cell
         images = np.stack([image[top : top + crop, left : left + crop] for image in images
-                           for top, left in [(rng.randrange(size - crop + 1), rng.randrange(size - crop + 1))]])
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+                           for top, left in [(cell * rng.randrange(CELLS - crop_cells + 1),
+                                              cell * rng.randrange(CELLS - crop_cells + 1))]])
+    return torch.from_numpy(HarmonImageProcessor.normalize(images))
 
 
 def train_vae(steps: int = 2000, batch_size: int = 32, learning_rate: float = 2e-3, size: int = 64, seed: int = 0,
@@ -56,7 +62,7 @@ def train_vae(steps: int = 2000, batch_size: int = 32, learning_rate: float = 2e
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
     start = time.time()
     for step in range(1, steps + 1):
-        pixels = scene_batch(rng, batch_size, size, crop=size // 2)  # convolutional: quarter-size crops train it 4x faster
+        pixels = scene_batch(rng, batch_size, size, crop_cells=CELLS // 2)  # convolutional: quarter crops train 4x faster
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         error = reconstruction - pixels

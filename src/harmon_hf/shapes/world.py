@@ -24,19 +24,19 @@ PALETTE = {  # colour name -> RGB; far enough apart that a nearest-colour rule s
 }
 BACKGROUND = (255, 255, 255)
 NUMBER_WORDS = ("zero", "one", "two", "three")
-# Objects sit on a grid of CELLS x CELLS cells (one cell per latent token of a 64 px image): each fills a block of
-# 2 x 2 cells, given by its top-left cell (column, row) in 0 .. CELLS - 2. Aligned objects make each latent token one
-# of a few patterns, which a model trained for minutes on a CPU can learn.
-CELLS = 8
-LAST_BLOCK = CELLS - 2
-BLOCK_GAP = 3  # blocks of different objects are at least this many cells apart on one axis (an empty cell between)
-# Regions of a single object: the top-left cells (columns, rows) it may have there.
+# Objects sit on a grid of CELLS x CELLS cells, one per latent token of a 64 px image (the autoencoder's stride is 16),
+# each object centred in its cell. Aligned objects make each latent token one of a few patterns (empty, or one coloured
+# shape of one size), which a model trained for minutes on a CPU can learn.
+CELLS = 4
+LAST_CELL = CELLS - 1
+CELL_GAP = 2  # cells of different objects are at least this many cells apart on one axis (an empty cell between)
+# Regions of a single object: the cells (columns, rows) it may have there.
 REGIONS = {
-    "left": ((0, 1), (2, 3, 4)),
-    "right": ((5, 6), (2, 3, 4)),
-    "top": ((2, 3, 4), (0, 1)),
-    "bottom": ((2, 3, 4), (5, 6)),
-    "centre": ((3,), (3,)),
+    "left": ((0,), (1, 2)),
+    "right": ((3,), (1, 2)),
+    "top": ((1, 2), (0,)),
+    "bottom": ((1, 2), (3,)),
+    "centre": ((1, 2), (1, 2)),
 }
 REGION_PHRASES = {
     "left": ("on the left", "at the left"),
@@ -47,7 +47,7 @@ REGION_PHRASES = {
 }
 # Relation of object A to object B: the axis and sign of B's centre minus A's centre.
 RELATIONS = {"left of": (0, 1), "right of": (0, -1), "above": (1, 1), "below": (1, -1)}
-SIZES = {"small": 0.1875, "big": 0.25}  # bounding-box side over the canvas side: 12 and 16 px at 64 px
+SIZES = {"small": 0.1875, "big": 0.234375}  # bounding-box side over the canvas side: 12 and 15 px at 64 px
 KINDS = ("single", "count", "pair", "relation")
 SPLITS = ("train", "heldout")
 QUESTION_TYPES = ("colour", "shape", "count", "position", "yes/no")
@@ -116,32 +116,32 @@ def is_held_out(combination: tuple) -> bool:
 # -- sampling scenes ------------------------------------------------------------------------------------------------
 
 
-def block_centre(column: int, row: int) -> tuple[float, float]:
-    """Centre of the 2 x 2 block with this top-left cell, in fractions of the canvas."""
-    return (column + 1) / CELLS, (row + 1) / CELLS
+def cell_centre(column: int, row: int) -> tuple[float, float]:
+    """Centre of a cell, in fractions of the canvas."""
+    return (column + 0.5) / CELLS, (row + 0.5) / CELLS
 
 
 def region_box(region: str) -> tuple[float, float, float, float]:
     """(x0, y0, x1, y1): the box of the centres an object in `region` may have, in fractions of the canvas."""
     columns, rows = REGIONS[region]
-    return (*block_centre(min(columns), min(rows)), *block_centre(max(columns), max(rows)))
+    return (*cell_centre(min(columns), min(rows)), *cell_centre(max(columns), max(rows)))
 
 
 def _place(rng: random.Random, count: int) -> list[tuple[int, int]]:
-    """Top-left cells of `count` blocks, apart from each other."""
+    """`count` cells, apart from each other."""
     while True:
-        blocks = []
+        cells = []
         for _ in range(count):
-            block = (rng.randint(0, LAST_BLOCK), rng.randint(0, LAST_BLOCK))
-            if any(max(abs(block[0] - c), abs(block[1] - r)) < BLOCK_GAP for c, r in blocks):
+            cell = (rng.randint(0, LAST_CELL), rng.randint(0, LAST_CELL))
+            if any(max(abs(cell[0] - c), abs(cell[1] - r)) < CELL_GAP for c, r in cells):
                 break
-            blocks.append(block)
-        if len(blocks) == count:
-            return blocks
+            cells.append(cell)
+        if len(cells) == count:
+            return cells
 
 
-def _object(shape: str, colour: str, block: tuple[int, int], size: str) -> ShapeObject:
-    return ShapeObject(shape, colour, *block_centre(*block), size)
+def _object(shape: str, colour: str, cell: tuple[int, int], size: str) -> ShapeObject:
+    return ShapeObject(shape, colour, *cell_centre(*cell), size)
 
 
 def _random_object_types(rng: random.Random, count: int) -> list[tuple[str, str]]:
@@ -158,29 +158,29 @@ def sample_scene(rng: random.Random, kind: str | None = None) -> Scene:
         colour, shape = rng.choice(list(PALETTE)), rng.choice(SHAPES)
         region = rng.choice(list(REGIONS))
         columns, rows = REGIONS[region]
-        block = (rng.choice(columns), rng.choice(rows))
-        return Scene(kind, (_object(shape, colour, block, rng.choice(list(SIZES))),), region=region)
+        cell = (rng.choice(columns), rng.choice(rows))
+        return Scene(kind, (_object(shape, colour, cell, rng.choice(list(SIZES))),), region=region)
     if kind == "count":
         colour, shape = rng.choice(list(PALETTE)), rng.choice(SHAPES)
         count = rng.choice((2, 3))
         size = rng.choice(list(SIZES))
-        return Scene(kind, tuple(_object(shape, colour, block, size) for block in _place(rng, count)))
+        return Scene(kind, tuple(_object(shape, colour, cell, size) for cell in _place(rng, count)))
     types = _random_object_types(rng, 2)
     sizes = [rng.choice(list(SIZES)), rng.choice(list(SIZES))]
     relation = None
     if kind == "pair":
-        blocks = _place(rng, 2)
+        cells = _place(rng, 2)
     else:
         relation = rng.choice(list(RELATIONS))
         axis, sign = RELATIONS[relation]
         # Far apart along the relation's axis and at most one cell off on the other, so the relation is unambiguous.
-        first = rng.randint(0, LAST_BLOCK - BLOCK_GAP)
-        along = (first, rng.randint(first + BLOCK_GAP, LAST_BLOCK))
+        first = rng.randint(0, LAST_CELL - CELL_GAP)
+        along = (first, rng.randint(first + CELL_GAP, LAST_CELL))
         along = along if sign > 0 else along[::-1]
-        across = rng.randint(0, LAST_BLOCK)
-        across = (across, min(max(across + rng.choice((-1, 0, 1)), 0), LAST_BLOCK))
-        blocks = [(along[i], across[i]) if axis == 0 else (across[i], along[i]) for i in range(2)]
-    objects = tuple(_object(shape, colour, block, size) for (colour, shape), block, size in zip(types, blocks, sizes))
+        across = rng.randint(0, LAST_CELL)
+        across = (across, min(max(across + rng.choice((-1, 0, 1)), 0), LAST_CELL))
+        cells = [(along[i], across[i]) if axis == 0 else (across[i], along[i]) for i in range(2)]
+    objects = tuple(_object(shape, colour, cell, size) for (colour, shape), cell, size in zip(types, cells, sizes))
     return Scene(kind, objects, relation=relation)
 
 
