@@ -471,7 +471,7 @@ class HarmonModel(HarmonPreTrainedModel):
         posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
         latents = posterior.mode() * self.config.vae_scale  # (b, c_vae, p*h, p*w)
         patch = self.config.patch_size
-        if patch == 1:  # the released models: the same tensor layout, hence the same kernels and bits, as before
+        if patch == 1:  # the released models: keep the view; a copied layout changed the VAE kernels' last bits
             return latents.permute(0, 2, 3, 1)
         batch, channels, height, width = latents.shape
         patches = latents.reshape(batch, channels, height // patch, patch, width // patch, patch)

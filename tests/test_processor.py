@@ -1,6 +1,5 @@
 """HarmonImageProcessor and HarmonProcessor: pixels, chat template, placeholders, prompts and decoding."""
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

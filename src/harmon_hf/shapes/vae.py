@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from ..modeling.image_processing_harmon import HarmonImageProcessor
-from .world import CELLS, render, sample_scene
+from .world import render, sample_scene
 
 
 SHAPES_VAE = {
@@ -35,16 +35,14 @@ KL_WEIGHT = 1e-6
 INITIAL_LOG_VARIANCE = -8.0
 
 
-def scene_batch(rng: random.Random, batch_size: int, size: int, crop_cells: int | None = None) -> torch.Tensor:
-    """Freshly rendered scenes in [-1, 1], (b, 3, side, side): whole, or crops of `crop_cells` grid cells at random
-    cells (so every cell still maps onto one latent token)."""
+def scene_batch(rng: random.Random, batch_size: int, size: int, crop: int | None = None) -> torch.Tensor:
+    """Freshly rendered scenes in [-1, 1], (b, 3, side, side): whole, or `crop` px crops at random places (training on
+    crops aligned to the grid's cells instead, whole images came back far worse: 0.44 of 200 reconstructions passed
+    the detector, against 0.865)."""
     images = np.stack([np.asarray(render(sample_scene(rng), size)) for _ in range(batch_size)])
-    if crop_cells is not None:
-        cell = size // CELLS
-        crop = crop_cells * cell
+    if crop is not None:
         images = np.stack([image[top : top + crop, left : left + crop] for image in images
-                           for top, left in [(cell * rng.randrange(CELLS - crop_cells + 1),
-                                              cell * rng.randrange(CELLS - crop_cells + 1))]])
+                           for top, left in [(rng.randrange(size - crop + 1), rng.randrange(size - crop + 1))]])
     return torch.from_numpy(HarmonImageProcessor.normalize(images))
 
 
@@ -62,7 +60,7 @@ def train_vae(steps: int = 2000, batch_size: int = 32, learning_rate: float = 2e
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
     start = time.time()
     for step in range(1, steps + 1):
-        pixels = scene_batch(rng, batch_size, size, crop_cells=CELLS // 2)  # convolutional: quarter crops train 4x faster
+        pixels = scene_batch(rng, batch_size, size, crop=size // 2)  # convolutional: quarter-size crops train 4x faster
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         error = reconstruction - pixels
