@@ -82,7 +82,9 @@ class HarmonConfig(PreTrainedConfig):
         diffusion_batch_mul (`int`): each target token is repeated this many times in the diffusion loss.
         diffusion_clip_range (`float`, *optional*): when set, sampling clamps the head's predicted clean latent to
             +-this value at every step (improved DDPM's `clip_denoised`); None (no clamp) for the released models.
-        mask_ratio_min (`float`): lower end of the truncated-normal mask ratio in text-to-image training.
+        mask_ratio_min (`float`): lower end of the mask ratio in text-to-image training, a normal centred on 1 (all
+            masked) truncated to [mask_ratio_min, 1].
+        mask_ratio_std (`float`): standard deviation of that normal (MAR's 0.25).
         visual_gradient_scale (`float`): gradient scale on the visual features in understanding training.
         image_size (`int`): default image side in pixels for generation and understanding.
         image_token_id (`int`): id of the `<image>` placeholder token.
@@ -116,6 +118,7 @@ class HarmonConfig(PreTrainedConfig):
     diffusion_batch_mul: int = 4
     diffusion_clip_range: float | None = None
     mask_ratio_min: float = 0.7
+    mask_ratio_std: float = 0.25
     visual_gradient_scale: float = 0.1
     image_size: int = 512
     image_token_id: int = 151665

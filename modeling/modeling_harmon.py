@@ -27,9 +27,9 @@ from .configuration_harmon import HarmonConfig
 from .scheduling_harmon import HarmonDiffusionScheduler
 
 
-# MAR's mask ratio in text-to-image training: a normal centred on "all masked", truncated below at mask_ratio_min.
+# MAR's mask ratio in text-to-image training: a normal centred on "all masked" (its spread and lower end are in
+# the config).
 MASK_RATIO_MEAN = 1.0
-MASK_RATIO_STD = 0.25
 # Pixel values farther than this outside [-1, 1] are taken for unnormalised input (e.g. 0..255).
 PIXEL_RANGE_TOLERANCE = 0.5
 # The release's sampling defaults; the diffusion steps per round are `config.num_inference_steps`.
@@ -690,7 +690,12 @@ class HarmonModel(HarmonPreTrainedModel):
         """MAR's training mask: a random order per image, ceil(L * r) first positions masked, r ~ truncated normal."""
         ratio = torch.empty(1)
         torch.nn.init.trunc_normal_(
-            ratio, mean=MASK_RATIO_MEAN, std=MASK_RATIO_STD, a=self.config.mask_ratio_min, b=1.0, generator=generator
+            ratio,
+            mean=MASK_RATIO_MEAN,
+            std=self.config.mask_ratio_std,
+            a=self.config.mask_ratio_min,
+            b=1.0,
+            generator=generator,
         )
         num_masked = math.ceil(num_tokens * ratio.item())
         orders = torch.stack([torch.randperm(num_tokens, generator=generator) for _ in range(batch)])

@@ -139,6 +139,15 @@ def test_random_training_mask_follows_the_truncated_ratio(tiny_model):
     assert len(set(masks.sum(dim=1).tolist())) == 1 and not torch.equal(masks[0], masks[1])
 
 
+def test_mask_ratio_spread_and_lower_end_come_from_the_config(tiny_model):
+    model = copy.deepcopy(tiny_model)
+    model.config.mask_ratio_min, model.config.mask_ratio_std = 0.0, 1.0
+    generator = torch.Generator().manual_seed(0)
+    ratios = torch.tensor([model.model.random_mask(1, 256, generator=generator).mean().item() for _ in range(400)])
+    # Nearly uniform on [0, 1] now (MAR's 0.25 spread would keep all of them above 0.7 with the default lower end).
+    assert ratios.min() < 0.1 and (ratios < 0.5).float().mean() > 0.3 and ratios.max() <= 1.0
+
+
 @torch.no_grad()
 def test_bfloat16_end_to_end(tiny_model, golden):
     model = copy.deepcopy(tiny_model).to(torch.bfloat16)

@@ -74,7 +74,13 @@ def test_release_copies_the_model_with_a_card_of_its_scores(harmon_folder, tmp_p
         scores["generation"]["overall"] = 0.1 * (index + 1)
         scores["understanding"]["overall"] = 0.2 * (index + 1)
         (run / file).write_text(json.dumps(scores))
-    destination = release.release(run, tmp_path / "bundled")
+    # The final scores (0.3 and 0.6) are below the targets: refused, nothing written, unless forced.
+    with pytest.raises(ValueError, match=r"generation 0.300 < 0.9; understanding 0.600 < 0.9"):
+        release.release(run, tmp_path / "bundled")
+    assert not (tmp_path / "bundled").exists()
+    refused = subprocess.run([sys.executable, "-m", "harmon_hf.shapes.release", str(run)], capture_output=True, text=True)
+    assert refused.returncode == 1 and "below the targets" in refused.stderr and "--force" in refused.stderr
+    destination = release.release(run, tmp_path / "bundled", force=True)
     card = (destination / "README.md").read_text()
     assert "44.0 minutes" in card and "**0.400**" in card and "**0.800**" in card  # stage III with DPM-Solver
     assert "after stage I" in card and "after stage II" in card
@@ -82,5 +88,5 @@ def test_release_copies_the_model_with_a_card_of_its_scores(harmon_folder, tmp_p
     assert (destination / "model.safetensors").is_file()
     monkeypatch.setattr(release, "MAX_BUNDLED_BYTES", 1000)
     with pytest.raises(ValueError, match="over the 0 MB limit"):
-        release.release(run, tmp_path / "too-big")
+        release.release(run, tmp_path / "too-big", force=True)
     assert not (tmp_path / "too-big").exists()

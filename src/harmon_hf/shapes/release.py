@@ -1,9 +1,13 @@
 """Ship a Harmon-Shapes run: copy its final model into the package as the bundled model, with a model card made
-from the run's own evaluation files.   python -m harmon_hf.shapes.release RUN_FOLDER"""
+from the run's own evaluation files.   python -m harmon_hf.shapes.release RUN_FOLDER [--force]
 
+A run whose final model is below the targets (ShapesEval generation and understanding overall >= 0.90, on at least
+200 samples) is refused unless forced.
+"""
+
+import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from .. import BUNDLED_MODEL
@@ -12,6 +16,8 @@ from .world import HELD_OUT, QUESTION_TYPES
 
 
 MAX_BUNDLED_BYTES = 25 * 2**20
+TARGET_SCORE = 0.90  # generation and understanding overall, each
+MIN_SAMPLES = 200
 
 
 # The run's evaluation files, by the name the bundled model's `shapes_eval.json` gives them, and their row titles.
@@ -75,10 +81,23 @@ and `shapes/stage3` (a fifth of the learning rates, 1 : 3 : 16). Training never 
 """
 
 
-def release(run: Path, destination: Path = BUNDLED_MODEL) -> Path:
+def check_targets(final: dict):
+    """Raise a ValueError naming what falls short when the final evaluation is below the targets."""
+    shortfalls = [f"{task} {final[task]['overall']:.3f} < {TARGET_SCORE}" for task in ("generation", "understanding")
+                  if final[task]["overall"] < TARGET_SCORE]
+    if final["samples"] < MIN_SAMPLES:
+        shortfalls.append(f"{final['samples']} samples < {MIN_SAMPLES}")
+    if shortfalls:
+        raise ValueError(f"the final model is below the targets ({'; '.join(shortfalls)}); pass force=True "
+                         "(--force) to bundle it anyway")
+
+
+def release(run: Path, destination: Path = BUNDLED_MODEL, force: bool = False) -> Path:
     """Copy the run's final model to `destination` (the package's bundled model) with its card and scores."""
     final = run / "stage3" / "final"
     results = collect_results(run)
+    if not force:
+        check_targets(results["final"])
     if destination.exists():
         shutil.rmtree(destination)
     shutil.copytree(final, destination, ignore=shutil.ignore_patterns("training_args.bin"))
@@ -93,4 +112,11 @@ def release(run: Path, destination: Path = BUNDLED_MODEL) -> Path:
 
 
 if __name__ == "__main__":
-    release(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/harmon-shapes"))
+    parser = argparse.ArgumentParser(description="Bundle a Harmon-Shapes run as the package's default model.")
+    parser.add_argument("run", nargs="?", default="runs/harmon-shapes", type=Path)
+    parser.add_argument("--force", action="store_true", help="bundle the run even if it is below the targets")
+    args = parser.parse_args()
+    try:
+        release(args.run, force=args.force)
+    except ValueError as error:
+        parser.exit(1, f"error: {error}\n")
