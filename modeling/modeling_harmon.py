@@ -386,8 +386,9 @@ class HarmonPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         """MAR's initialisation for the modules that come from MAR (Xavier-uniform linear layers, N(0, 0.02) learned
-        embeddings and timestep MLP, zero adaptive-norm modulation and head output), the default elsewhere. It only
-        matters when training from scratch: the released weights replace all of it."""
+        embeddings and timestep MLP, zero adaptive-norm modulation and head output), PyTorch's default for the
+        projections (plain `nn.Linear` layers in the reference), the LLM's own elsewhere. It only matters when
+        training from scratch: the released weights replace all of it."""
         super()._init_weights(module)
         # Modules are initialised children first, so a container's choices below override its children's defaults.
         if isinstance(module, HarmonMARBlock):
@@ -397,6 +398,12 @@ class HarmonPreTrainedModel(PreTrainedModel):
             for parameter in module.parameters(recurse=False):
                 init.normal_(parameter, std=0.02)
             xavier_uniform_linear(module.token_proj if isinstance(module, HarmonMAREncoder) else module.embed)
+        elif isinstance(module, HarmonProjector):
+            # transformers' N(0, 0.02) shrinks a narrow layer's input (x0.28 at width 192): in 400 steps of training a
+            # small Harmon from scratch, the decoder's conditions then varied 0.1 % across prompts, against 2.4 % with
+            # unit-gain projections.
+            for linear in (module.linear_1, module.linear_2):
+                torch_default_linear(linear)
         elif isinstance(module, HarmonDiffusionResBlock):
             xavier_uniform_linear(module.fc1)
             xavier_uniform_linear(module.fc2)
@@ -417,6 +424,13 @@ class HarmonPreTrainedModel(PreTrainedModel):
 def xavier_uniform_linear(linear: nn.Linear):
     init.xavier_uniform_(linear.weight)
     init.zeros_(linear.bias)
+
+
+def torch_default_linear(linear: nn.Linear):
+    """`nn.Linear.reset_parameters`, through `transformers.initialization`: U(+-1/sqrt(fan_in)) weights and bias."""
+    bound = 1 / math.sqrt(linear.in_features)
+    init.uniform_(linear.weight, -bound, bound)
+    init.uniform_(linear.bias, -bound, bound)
 
 
 class HarmonModel(HarmonPreTrainedModel):

@@ -288,6 +288,11 @@ def test_fresh_model_has_mars_initialisation(tiny_model):
         assert not linear.bias.any()
     assert abs(head.time_embed.linear_1.weight.std().item() - 0.02) < 0.003
     assert abs(model.mar_decoder.pos_embed.std().item() - 0.02) < 0.003
+    # The projections start as the reference's plain nn.Linear layers do, not at the LLM's N(0, 0.02).
+    for linear in (model.proj_in.linear_1, model.proj_out.linear_2):
+        bound = linear.in_features**-0.5
+        for tensor in (linear.weight, linear.bias):
+            assert tensor.abs().max() <= bound and tensor.abs().max() > 0.9 * bound
 
 
 def test_loading_keeps_the_saved_weights(tiny_model, tmp_path):

@@ -2,7 +2,7 @@
 
 Pixels -> latents at 1/8 of the side with 8 channels; Harmon-Shapes groups them 2 x 2 into tokens (patch_size 2),
 so a token covers 16 px, as the released KL-16's do, and one token is one cell of the world's grid. Trained with
-L1 + L2 reconstruction losses and a small KL term on freshly rendered scenes of both splits (the autoencoder sees
+L1 + L2 reconstruction losses (object pixels weighing more than the background) and a small KL term on freshly rendered scenes of both splits (the autoencoder sees
 pixels only, never captions), then the latents' standard deviation sets the scale Harmon multiplies them by, as
 `vae_scale` does for the released KL-16.
 """
@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from ..modeling.image_processing_harmon import HarmonImageProcessor
-from .world import render, sample_scene
+from .world import BACKGROUND, render, sample_scene
 
 
 SHAPES_VAE = {
@@ -33,6 +33,9 @@ SHAPES_VAE = {
     "act_fn": "silu",
 }
 KL_WEIGHT = 1e-6
+# The background is ~90 % of the pixels. Unweighted, training sat for a seed-dependent time at blurry objects: after
+# 1200 steps 0.67 of 200 held-out reconstructions passed the detector, against 0.98 with this weight.
+OBJECT_PIXEL_WEIGHT = 10.0
 INITIAL_LOG_VARIANCE = -8.0
 
 
@@ -54,16 +57,18 @@ def train_vae(steps: int = 2000, batch_size: int = 8, learning_rate: float = 2e-
         vae.quant_conv.bias[SHAPES_VAE["latent_channels"]:] = INITIAL_LOG_VARIANCE
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    background = torch.from_numpy(HarmonImageProcessor.normalize(np.array([[BACKGROUND]], dtype=np.uint8)))  # (3, 1, 1)
     start = time.time()
     for step in range(1, steps + 1):
         # Whole images, not crops: the GroupNorm statistics of a crop are not those of the image the autoencoder will
-        # see. With 32 px crops (4x the batch, the same pixels per step) 0.865 of 200 held-out reconstructions
-        # passed the detector; with whole images, 1.000.
+        # see. Trained on 32 px crops (4x the batch, the same pixels per step), 0.865 of 200 held-out
+        # reconstructions passed the detector.
         pixels = scene_batch(rng, batch_size, size)
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         error = reconstruction - pixels
-        loss = error.abs().mean() + error.pow(2).mean() + KL_WEIGHT * posterior.kl().mean()
+        weight = torch.where((pixels != background).any(dim=1, keepdim=True), OBJECT_PIXEL_WEIGHT, 1.0)
+        loss = (weight * (error.abs() + error.pow(2))).mean() / weight.mean() + KL_WEIGHT * posterior.kl().mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
