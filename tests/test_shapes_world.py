@@ -2,13 +2,16 @@
 
 import random
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from harmon_hf.shapes.cases import GENERATION_CATEGORIES, generation_cases, understanding_cases
 from harmon_hf.shapes.detector import Requirement, classify_shape, detect, satisfies
+from harmon_hf.shapes.vae import round_trip_score
 from harmon_hf.shapes.world import (HELD_OUT, KINDS, PALETTE, QUESTION_TYPES, SHAPES, Scene, ShapeObject,
                                     all_combinations, caption, is_held_out, questions, render, sample_split_scene,
                                     shapes_dataset)
@@ -98,3 +101,21 @@ def test_dataset_streams_reproducibly_with_conversations():
     assert turns[0]["from"] == "human" and turns[0]["value"].startswith("<image>\n") and turns[1]["from"] == "gpt"
     with pytest.raises(ValueError, match="split must be"):
         shapes_dataset("validation")
+
+
+class _IdentityAutoencoder:
+    """Latents are the pixels; `blank` decodes everything to the white background."""
+
+    def __init__(self, blank: bool = False):
+        self.blank = blank
+
+    def encode(self, pixels):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: pixels))
+
+    def decode(self, latents):
+        return SimpleNamespace(sample=torch.ones_like(latents) if self.blank else latents)
+
+
+def test_autoencoder_round_trip_is_judged_by_the_detector():
+    assert round_trip_score(_IdentityAutoencoder(), num_scenes=40) == 1.0
+    assert round_trip_score(_IdentityAutoencoder(blank=True), num_scenes=40) == 0.0

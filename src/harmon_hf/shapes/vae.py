@@ -16,6 +16,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from ..modeling.image_processing_harmon import HarmonImageProcessor
+from .cases import generation_cases
+from .detector import detect, satisfies
 from .world import BACKGROUND, render, sample_scene
 
 
@@ -79,3 +81,13 @@ def train_vae(steps: int = 2000, batch_size: int = 8, learning_rate: float = 2e-
     with torch.no_grad():
         means = vae.encode(scene_batch(rng, 256, size)).latent_dist.mode()
     return vae, 1.0 / means.std().item()
+
+
+@torch.no_grad()
+def round_trip_score(vae: AutoencoderKL, num_scenes: int = 200, seed: int = 0) -> float:
+    """Share of ShapesEval's held-out scenes whose reconstruction (encode, posterior mode, decode) still passes the
+    detector: the most a generator over these latents can score."""
+    cases = generation_cases(num_scenes, seed=seed)
+    pixels = torch.from_numpy(HarmonImageProcessor.normalize(np.stack([np.asarray(render(c.scene)) for c in cases])))
+    reconstructions = HarmonImageProcessor.postprocess(vae.decode(vae.encode(pixels).latent_dist.mode()).sample)
+    return float(np.mean([satisfies(detect(image), case.requirement) for image, case in zip(reconstructions, cases)]))
