@@ -19,7 +19,7 @@ from harmon_hf.shapes.world import (HELD_OUT, KINDS, PALETTE, QUESTION_TYPES, SH
 
 def test_detector_scores_at_least_099_on_ground_truth_renders():
     cases = generation_cases(400, seed=1)
-    correct = Counter(case.category for case in cases if satisfies(detect(render(case.scene)), case.requirement))
+    correct = Counter(case.category for case in cases if case.is_met_by(render(case.scene)))
     totals = Counter(case.category for case in cases)
     for category in GENERATION_CATEGORIES:
         assert correct[category] / totals[category] >= 0.99, (category, correct[category], totals[category])

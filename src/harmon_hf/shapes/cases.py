@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .detector import Requirement
+from .detector import Requirement, detect, satisfies
 from .world import QUESTION_TYPES, REGION_PHRASES, Scene, describe, pick_question, render, sample_split_scene
 
 
@@ -20,6 +20,10 @@ class GenerationCase:
     prompt: str
     requirement: Requirement
     scene: Scene  # a scene the prompt describes (its render is a correct answer)
+
+    def is_met_by(self, image: Image.Image) -> bool:
+        """Whether the detector finds in `image` what the prompt asks for."""
+        return satisfies(detect(image), self.requirement)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ from tqdm.auto import tqdm
 
 from ..cli import answer_stop_ids, image_question
 from .cases import GENERATION_CATEGORIES, generation_cases, understanding_cases
-from .detector import detect, satisfies
 from .world import QUESTION_TYPES
 
 
@@ -38,7 +37,7 @@ def evaluate_generation(pipeline, count: int, seed: int = 0, batch_size: int = 2
                           **sampling).images
         elapsed += time.perf_counter() - began
         for case, image in zip(batch, images):
-            correct[case.category].append(satisfies(detect(image), case.requirement))
+            correct[case.category].append(case.is_met_by(image))
         if progress is not None:
             progress.update(len(batch))
     return _summary(correct), elapsed / len(cases)

@@ -2,9 +2,9 @@
 
 Pixels -> latents at 1/8 of the side with 8 channels; Harmon-Shapes groups them 2 x 2 into tokens (patch_size 2),
 so a token covers 16 px, as the released KL-16's do, and one token is one cell of the world's grid. Trained with
-L1 + L2 reconstruction losses (object pixels weighing more than the background) and a small KL term on freshly rendered scenes of both splits (the autoencoder sees
-pixels only, never captions), then the latents' standard deviation sets the scale Harmon multiplies them by, as
-`vae_scale` does for the released KL-16.
+L1 + L2 reconstruction losses (object pixels weighing more than the background) and a small KL term on freshly
+rendered scenes of both splits (the autoencoder sees pixels only, never captions), then the latents' standard
+deviation sets the scale Harmon multiplies them by, as `vae_scale` does for the released KL-16.
 """
 
 import math
@@ -17,8 +17,7 @@ from diffusers import AutoencoderKL
 
 from ..modeling.image_processing_harmon import HarmonImageProcessor
 from .cases import generation_cases
-from .detector import detect, satisfies
-from .world import BACKGROUND, render, sample_scene
+from .world import BACKGROUND, Scene, render, sample_scene
 
 
 SHAPES_VAE = {
@@ -41,10 +40,14 @@ OBJECT_PIXEL_WEIGHT = 10.0
 INITIAL_LOG_VARIANCE = -8.0
 
 
+def render_pixels(scenes: list[Scene], size: int) -> torch.Tensor:
+    """Scenes rendered in [-1, 1], (b, 3, size, size)."""
+    return torch.from_numpy(HarmonImageProcessor.normalize(np.stack([np.asarray(render(s, size)) for s in scenes])))
+
+
 def scene_batch(rng: random.Random, batch_size: int, size: int) -> torch.Tensor:
-    """Freshly rendered whole scenes in [-1, 1], (b, 3, size, size)."""
-    images = np.stack([np.asarray(render(sample_scene(rng), size)) for _ in range(batch_size)])
-    return torch.from_numpy(HarmonImageProcessor.normalize(images))
+    """Freshly sampled whole scenes in [-1, 1], (b, 3, size, size)."""
+    return render_pixels([sample_scene(rng) for _ in range(batch_size)], size)
 
 
 def train_vae(steps: int = 2000, batch_size: int = 8, learning_rate: float = 2e-3, size: int = 64, seed: int = 0,
@@ -84,10 +87,10 @@ def train_vae(steps: int = 2000, batch_size: int = 8, learning_rate: float = 2e-
 
 
 @torch.no_grad()
-def round_trip_score(vae: AutoencoderKL, num_scenes: int = 200, seed: int = 0) -> float:
+def round_trip_score(vae: AutoencoderKL, num_scenes: int = 200, seed: int = 0, size: int = 64) -> float:
     """Share of ShapesEval's held-out scenes whose reconstruction (encode, posterior mode, decode) still passes the
     detector: the most a generator over these latents can score."""
     cases = generation_cases(num_scenes, seed=seed)
-    pixels = torch.from_numpy(HarmonImageProcessor.normalize(np.stack([np.asarray(render(c.scene)) for c in cases])))
+    pixels = render_pixels([case.scene for case in cases], size)
     reconstructions = HarmonImageProcessor.postprocess(vae.decode(vae.encode(pixels).latent_dist.mode()).sample)
-    return float(np.mean([satisfies(detect(image), case.requirement) for image, case in zip(reconstructions, cases)]))
+    return float(np.mean([case.is_met_by(image) for image, case in zip(reconstructions, cases)]))

@@ -25,8 +25,8 @@ PALETTE = {  # colour name -> RGB; far enough apart that a nearest-colour rule s
 BACKGROUND = (255, 255, 255)
 NUMBER_WORDS = ("zero", "one", "two", "three")
 # Objects sit on a grid of CELLS x CELLS cells, one per latent token of a 64 px image (a token is 2 x 2 latent pixels
-# of the stride-8 autoencoder: 16 px), each object centred in its cell. Aligned objects make each latent token one of a few patterns (empty, or one coloured
-# shape of one size), which a model trained for minutes on a CPU can learn.
+# of the stride-8 autoencoder: 16 px), each object centred in its cell. Aligned objects make each latent token one of
+# a few patterns (empty, or one coloured shape of one size), which a model trained for minutes on a CPU can learn.
 CELLS = 4
 LAST_CELL = CELLS - 1
 CELL_GAP = 2  # cells of different objects are at least this many cells apart on one axis (an empty cell between)
