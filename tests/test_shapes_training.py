@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harmon_hf.shapes import release
+from harmon_hf.shapes import diagnose, release
+from harmon_hf.shapes.diagnose import PROMPT_PATH, prompt_influence
 from harmon_hf.training import Recipe
 
 STAGES = ("stage0_language", "stage1", "stage2", "stage3")
@@ -90,3 +91,24 @@ def test_release_copies_the_model_with_a_card_of_its_scores(harmon_folder, tmp_p
     with pytest.raises(ValueError, match="over the 0 MB limit"):
         release.release(run, tmp_path / "too-big", force=True)
     assert not (tmp_path / "too-big").exists()
+
+
+def test_prompt_influence_finds_where_the_prompt_is_lost(harmon_folder, capsys):
+    from harmon_hf import HarmonProcessor
+    from harmon_hf.modeling import HarmonForConditionalGeneration
+
+    model = HarmonForConditionalGeneration.from_pretrained(harmon_folder).eval()
+    processor = HarmonProcessor.from_pretrained(harmon_folder)
+    influence = prompt_influence(model, processor, count=4)
+    assert list(influence) == list(PROMPT_PATH) and all(value > 1e-3 for value in influence.values())
+    # A proj_out that drops the LLM's output (only its bias is left): the prompt is lost at `projected`.
+    with torch.no_grad():
+        model.model.proj_out.linear_2.weight.zero_()
+    deaf = prompt_influence(model, processor, count=4)
+    assert deaf["llm_output"] == pytest.approx(influence["llm_output"])
+    assert deaf["projected"] == deaf["decoder_input"] == deaf["conditions"] == 0.0
+    with pytest.raises(ValueError, match="count must be at least 2"):
+        prompt_influence(model, processor, count=1)
+    diagnose.main([str(harmon_folder), "--count", "4"])
+    printed = capsys.readouterr().out
+    assert all(f"{step} " in printed for step in PROMPT_PATH) and f"{influence['conditions']:.4f}" in printed

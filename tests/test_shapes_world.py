@@ -13,8 +13,9 @@ from harmon_hf.shapes.cases import GENERATION_CATEGORIES, generation_cases, unde
 from harmon_hf.shapes.detector import Requirement, classify_shape, detect, satisfies
 from harmon_hf.shapes.vae import round_trip_score
 from harmon_hf.shapes.world import (HELD_OUT, KINDS, PALETTE, QUESTION_TYPES, SHAPES, Scene, ShapeObject,
-                                    all_combinations, caption, is_held_out, questions, render, sample_split_scene,
-                                    shapes_dataset)
+                                    all_combinations, caption, describe, is_held_out, language_conversation,
+                                    questions, render, sample_split_scene, shapes_dataset)
+from harmon_hf.modeling.processing_harmon import GENERATION_INSTRUCTION
 
 
 def test_detector_scores_at_least_099_on_ground_truth_renders():
@@ -99,8 +100,31 @@ def test_dataset_streams_reproducibly_with_conversations():
     assert first[0]["image"].size == (64, 64)
     turns = first[0]["conversations"]
     assert turns[0]["from"] == "human" and turns[0]["value"].startswith("<image>\n") and turns[1]["from"] == "gpt"
+    assert [row["language"] for row in first] == [row["language"] for row in again]
+    assert all("<image>" not in turn["value"] for row in first for turn in row["language"])
     with pytest.raises(ValueError, match="split must be"):
         shapes_dataset("validation")
+
+
+def test_language_conversations_restate_requests_or_answer_from_a_description():
+    scene = Scene("relation", (ShapeObject("circle", "red", 0.125, 0.375, "big"),
+                               ShapeObject("square", "blue", 0.625, 0.375, "small")), relation="left of")
+    truth = {question: answer for _, question, answer in questions(scene)}
+    description = describe(scene).capitalize() + ". "
+    kinds = Counter()
+    for seed in range(40):
+        turns = language_conversation(scene, random.Random(seed))
+        assert [turn["from"] for turn in turns] == ["human", "gpt"] * (len(turns) // 2)
+        if len(turns) == 2:  # a generation request, answered by what it asks for
+            assert turns[0]["value"] == GENERATION_INSTRUCTION.format(prompt=turns[1]["value"])
+            assert "circle" in turns[1]["value"] and "square" in turns[1]["value"]
+            kinds["request"] += 1
+        else:  # questions after a description that settles them
+            assert turns[0]["value"].startswith(description)
+            asked = [turns[0]["value"][len(description):]] + [turn["value"] for turn in turns[2::2]]
+            assert [truth[question] for question in asked] == [turn["value"] for turn in turns[1::2]]
+            kinds["questions"] += 1
+    assert kinds["request"] >= 10 and kinds["questions"] >= 10
 
 
 class _IdentityAutoencoder:

@@ -19,6 +19,7 @@ from datasets import Features, IterableDataset, List, Value, interleave_datasets
 from datasets.distributed import split_dataset_by_node
 from PIL import Image
 
+from ..modeling.processing_harmon import UNCONDITIONAL_PROMPT
 from .recipe import DataSource, Recipe
 
 
@@ -143,7 +144,7 @@ class SampleBuilder:
         rng = random.Random(f"{self.recipe.seed}/{self.source_index}/{index}")
         if rng.random() < self.recipe.unconditional_probability:
             prompt = self.processor.apply_chat_template(
-                [{"role": "user", "content": "Generate an image."}], add_generation_prompt=True
+                [{"role": "user", "content": UNCONDITIONAL_PROMPT}], add_generation_prompt=True
             )
         else:
             prompt = self.processor.apply_generation_template(caption)

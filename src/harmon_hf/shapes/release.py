@@ -68,10 +68,10 @@ draws and answers questions about one to three circles, squares and triangles in
 ## How it was made
 `bash training/recipes/shapes/build.sh` ({results['training_minutes']} minutes of training on a 2-core CPU):
 `harmon shapes init` (autoencoder and tokenizer), `harmon train shapes/stage0_language` (the LLM learns the
-captions, standing in for the pretrained Qwen2.5), then the paper's three stages `shapes/stage1` (LLM frozen,
-image-to-text : text-to-image = 1 : 2), `shapes/stage2` (everything, text : image-to-text : text-to-image = 1 : 3 : 8)
-and `shapes/stage3` (a fifth of the learning rates, 1 : 3 : 16). Training never sees these held-out combinations
-(single object, count, or pair of objects): {held_out}.
+world's captions and text-only conversations, standing in for the pretrained, instruction-tuned Qwen2.5), then the
+paper's three stages `shapes/stage1` (LLM frozen, image-to-text : text-to-image = 1 : 2), `shapes/stage2`
+(everything, text : image-to-text : text-to-image = 1 : 3 : 8) and `shapes/stage3` (a fifth of the learning rates,
+1 : 3 : 16). Training never sees these held-out combinations (single object, count, or pair of objects): {held_out}.
 
 ## ShapesEval (held-out combinations, {results['final']['samples']} samples each)
 `harmon eval shapes --model MODEL` (`--scheduler dpm-solver` for the few-step line); the scores are also in

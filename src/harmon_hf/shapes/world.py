@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+from ..modeling.processing_harmon import GENERATION_INSTRUCTION
+
 
 SHAPES = ("circle", "square", "triangle")
 PALETTE = {  # colour name -> RGB; far enough apart that a nearest-colour rule separates them after blurring
@@ -317,19 +319,39 @@ def conversation(scene: Scene, rng: random.Random) -> list[dict]:
     return turns
 
 
+def language_conversation(scene: Scene, rng: random.Random) -> list[dict]:
+    """The world's instructions without an image, for the language pre-training that stands in for the paper's
+    instruction-tuned Qwen2.5: a generation request restated (so the positions after a request carry what it asks
+    for), or questions answered from a description that settles them all."""
+    if rng.random() < 0.5:
+        request = caption(scene, rng)
+        return [{"from": "human", "value": GENERATION_INSTRUCTION.format(prompt=request)},
+                {"from": "gpt", "value": request}]
+    region_phrase = REGION_PHRASES[scene.region][0] if scene.kind == "single" else None
+    turns = []
+    for index in range(QUESTIONS_PER_CONVERSATION):
+        _, question, answer = pick_question(scene, rng)
+        if index == 0:
+            question = f"{describe(scene, region_phrase=region_phrase).capitalize()}. {question}"
+        turns.append({"from": "human", "value": question})
+        turns.append({"from": "gpt", "value": answer})
+    return turns
+
+
 def _rows(split: str, seed: "int | str", size: int, limit: int | None):
     rng = random.Random(f"shapes/{split}/{seed}")
     index = 0
     while limit is None or index < limit:
         scene = sample_split_scene(rng, split)
         yield {"image": render(scene, size), "text": caption(scene, rng), "conversations": conversation(scene, rng),
-               "kind": scene.kind}
+               "language": language_conversation(scene, rng), "kind": scene.kind}
         index += 1
 
 
 def shapes_dataset(split: str = "train", seed: "int | str" = 0, size: int = 64, limit: int | None = None):
     """The shapes world as a streamed `datasets.IterableDataset` (endless unless `limit`): an image, a caption
-    (`text`), a conversation of questions about it (`conversations`) and the scene's kind."""
+    (`text`), a conversation of questions about it (`conversations`), one in words alone (`language`) and the
+    scene's kind."""
     check_split(split)  # now: the rows are generated lazily
     if size < 32:
         raise ValueError(f"size must be at least 32 pixels, got {size}")
