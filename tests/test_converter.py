@@ -152,6 +152,8 @@ def test_mismatched_release_is_refused_before_writing(tmp_path, golden_reference
 def test_inconsistent_reference_config_is_refused(golden_reference_config):
     with pytest.raises(ValueError, match="vae_stride"):
         resolve_config(variant(golden_reference_config, mar__vae_stride=8))
+    with pytest.raises(ValueError, match="mar.patch_size must be 1 .* got 2"):
+        resolve_config(variant(golden_reference_config, mar__patch_size=2))
     with pytest.raises(ValueError, match="no such file"):
         resolve_config("does-not-exist.json")
 
