@@ -79,6 +79,10 @@ class HarmonProcessor(ProcessorMixin):
             [{"role": "user", "content": GENERATION_INSTRUCTION.format(prompt=prompt)}], add_generation_prompt=True
         )
 
+    def apply_unconditional_template(self) -> str:
+        """Harmon's unconditional prompt, the one classifier-free guidance and training's caption dropout use."""
+        return self.apply_chat_template([{"role": "user", "content": UNCONDITIONAL_PROMPT}], add_generation_prompt=True)
+
     def generation_inputs(self, prompts, negative_prompt=None, return_tensors="pt") -> BatchFeature:
         """Text-to-image prompts: the conditional rows, then as many unconditional rows (right-padded).
 
@@ -87,9 +91,7 @@ class HarmonProcessor(ProcessorMixin):
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if negative_prompt is None:
-            negatives = [UNCONDITIONAL_PROMPT] * len(prompts)
-            negative_texts = [self.apply_chat_template([{"role": "user", "content": n}], add_generation_prompt=True)
-                              for n in negatives]
+            negative_texts = [self.apply_unconditional_template()] * len(prompts)
         else:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
             if len(negatives) != len(prompts):

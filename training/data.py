@@ -19,7 +19,6 @@ from datasets import Features, IterableDataset, List, Value, interleave_datasets
 from datasets.distributed import split_dataset_by_node
 from PIL import Image
 
-from ..modeling.processing_harmon import UNCONDITIONAL_PROMPT
 from .recipe import DataSource, Recipe
 
 
@@ -143,9 +142,7 @@ class SampleBuilder:
         caption = self._text(row)
         rng = random.Random(f"{self.recipe.seed}/{self.source_index}/{index}")
         if rng.random() < self.recipe.unconditional_probability:
-            prompt = self.processor.apply_chat_template(
-                [{"role": "user", "content": UNCONDITIONAL_PROMPT}], add_generation_prompt=True
-            )
+            prompt = self.processor.apply_unconditional_template()
         else:
             prompt = self.processor.apply_generation_template(caption)
         input_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]

@@ -309,14 +309,19 @@ def pick_question(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
 QUESTIONS_PER_CONVERSATION = 3
 
 
-def conversation(scene: Scene, rng: random.Random) -> list[dict]:
-    """A LLaVA-style conversation of a few questions about the image (the image comes with the first)."""
+def question_turns(scene: Scene, rng: random.Random, opening: str) -> list[dict]:
+    """A few questions about the scene and their answers; `opening` comes before the first question."""
     turns = []
     for index in range(QUESTIONS_PER_CONVERSATION):
         _, question, answer = pick_question(scene, rng)
-        turns.append({"from": "human", "value": f"<image>\n{question}" if index == 0 else question})
+        turns.append({"from": "human", "value": opening + question if index == 0 else question})
         turns.append({"from": "gpt", "value": answer})
     return turns
+
+
+def conversation(scene: Scene, rng: random.Random) -> list[dict]:
+    """A LLaVA-style conversation of a few questions about the image (the image comes with the first)."""
+    return question_turns(scene, rng, opening="<image>\n")
 
 
 def language_conversation(scene: Scene, rng: random.Random) -> list[dict]:
@@ -328,14 +333,7 @@ def language_conversation(scene: Scene, rng: random.Random) -> list[dict]:
         return [{"from": "human", "value": GENERATION_INSTRUCTION.format(prompt=request)},
                 {"from": "gpt", "value": request}]
     region_phrase = REGION_PHRASES[scene.region][0] if scene.kind == "single" else None
-    turns = []
-    for index in range(QUESTIONS_PER_CONVERSATION):
-        _, question, answer = pick_question(scene, rng)
-        if index == 0:
-            question = f"{describe(scene, region_phrase=region_phrase).capitalize()}. {question}"
-        turns.append({"from": "human", "value": question})
-        turns.append({"from": "gpt", "value": answer})
-    return turns
+    return question_turns(scene, rng, opening=f"{describe(scene, region_phrase=region_phrase).capitalize()}. ")
 
 
 def _rows(split: str, seed: "int | str", size: int, limit: int | None):
