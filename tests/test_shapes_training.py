@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from harmon_hf.shapes import diagnose, release
-from harmon_hf.shapes.diagnose import PROMPT_PATH, prompt_influence
+from harmon_hf.shapes.diagnose import PROMPT_PATH, RECALL_MEASURES, object_recall, prompt_influence
 from harmon_hf.training import Recipe
 
 STAGES = ("stage0_language", "stage1", "stage2", "stage3")
@@ -109,6 +109,36 @@ def test_prompt_influence_finds_where_the_prompt_is_lost(harmon_folder, capsys):
     assert deaf["projected"] == deaf["decoder_input"] == deaf["conditions"] == 0.0
     with pytest.raises(ValueError, match="count must be at least 2"):
         prompt_influence(model, processor, count=1)
-    diagnose.main([str(harmon_folder), "--count", "4"])
+    diagnose.main([str(harmon_folder), "--count", "4", "--recall-count", "3"])
     printed = capsys.readouterr().out
     assert all(f"{step} " in printed for step in PROMPT_PATH) and f"{influence['conditions']:.4f}" in printed
+    assert all(f"  {measure} " in printed for measure in RECALL_MEASURES)
+
+
+def test_object_recall_reads_what_the_head_draws_in_the_masked_cell(harmon_folder, monkeypatch):
+    from harmon_hf import HarmonProcessor
+    from harmon_hf.modeling import HarmonForConditionalGeneration
+    from harmon_hf.shapes.vae import render_pixels
+    from harmon_hf.shapes.world import Scene
+
+    model = HarmonForConditionalGeneration.from_pretrained(harmon_folder).eval()
+    processor = HarmonProcessor.from_pretrained(harmon_folder)
+    recall = object_recall(model, processor, count=6)
+    assert list(recall) == list(RECALL_MEASURES) and all(0.0 <= value <= 1.0 for value in recall.values())
+
+    # A head that draws the true token scores 1.0; one that draws the empty cell scores `empty` 1.0 and nothing else.
+    seen, run_round = {}, model.model.run_round
+
+    def spying_run_round(tokens, mask, *args, **kwargs):
+        seen.update(truth=tokens[mask.bool()], cells=mask.argmax(dim=1))
+        return run_round(tokens, mask, *args, **kwargs)
+
+    monkeypatch.setattr(model.model, "run_round", spying_run_round)
+    monkeypatch.setattr(model.model, "sample_tokens", lambda conditions, **kwargs: seen["truth"])
+    assert object_recall(model, processor, count=6) == {"object": 1.0, "colour": 1.0, "shape": 1.0, "empty": 0.0}
+    with torch.no_grad():
+        empty_scene = model.encode_images(render_pixels([Scene("single", ())], 64)).flatten(1, 2)[0]  # (16, c)
+    monkeypatch.setattr(model.model, "sample_tokens", lambda conditions, **kwargs: empty_scene[seen["cells"]])
+    assert object_recall(model, processor, count=6) == {"object": 0.0, "colour": 0.0, "shape": 0.0, "empty": 1.0}
+    with pytest.raises(ValueError, match="count must be at least 1"):
+        object_recall(model, processor, count=0)

@@ -5,7 +5,10 @@ reaches the diffusion head through the LLM's output at the buffer slots, `proj_o
 the decoder's conditions. `prompt_influence` swaps each image's prompt for another's and measures how much of the
 change survives at each of these steps.
 
-    python -m harmon_hf.shapes.diagnose MODEL [--count 32]
+`object_recall` asks the last step alone: with everything but one object's token visible and the scene described
+in the prompt, does the diffusion head draw that object from its conditions?
+
+    python -m harmon_hf.shapes.diagnose MODEL [--count 32] [--recall-count 200]
 """
 
 import argparse
@@ -13,9 +16,13 @@ import random
 
 import torch
 
-from .world import caption, sample_split_scene
+from .vae import render_pixels
+from .world import CELLS, PALETTE, SHAPES, SIZES, Scene, ShapeObject, caption, cell_centre, describe, sample_split_scene
 
 
+# What one cell of a single-object scene holds: nothing, or an object of one colour, shape and size.
+CELL_CONTENTS = [None] + [(colour, shape, size) for colour in PALETTE for shape in SHAPES for size in SIZES]
+RECALL_MEASURES = ("object", "colour", "shape", "empty")
 # The steps from the LLM to the diffusion head, in order.
 PROMPT_PATH = ("llm_output", "projected", "decoder_input", "conditions")
 
@@ -58,6 +65,57 @@ def prompt_influence(model, processor, count: int = 32, seed: int = 0) -> dict[s
     return {step: relative_change(own[step], swapped[step]) for step in PROMPT_PATH}
 
 
+def cell_index(obj: ShapeObject) -> int:
+    """The object's token in the row-major token sequence of a CELLS x CELLS grid."""
+    return int(obj.y * CELLS) * CELLS + int(obj.x * CELLS)
+
+
+def cell_prototypes(model, cell: int) -> torch.Tensor:
+    """(len(CELL_CONTENTS), c): the token at `cell` of a scene holding each of CELL_CONTENTS there, alone."""
+    centre = cell_centre(cell % CELLS, cell // CELLS)
+    scenes = [Scene("single", () if content is None else (ShapeObject(content[1], content[0], *centre, content[2]),))
+              for content in CELL_CONTENTS]
+    return model.encode_images(render_pixels(scenes, model.config.image_size)).flatten(1, 2)[:, cell]
+
+
+@torch.no_grad()
+def object_recall(model, processor, count: int = 200, seed: int = 0) -> dict[str, float]:
+    """{measure of RECALL_MEASURES: share of `count` training scenes of one object}: the object's token is the only
+    masked one, the prompt describes the scene (colour and shape), and the diffusion head samples the token without
+    guidance. The sample is read as the nearest of what that cell can hold (each colour, shape and size, or nothing,
+    encoded alone), so the true token scores 1.0 on `object`, `colour` and `shape`. `empty`: the head drew nothing."""
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    side = model.config.image_size // model.config.vae_stride
+    if side != CELLS:
+        raise ValueError(f"object_recall needs one token per cell of the world's {CELLS} x {CELLS} grid; this model "
+                         f"has {side} x {side} tokens")
+    harmon = model.model
+    rng = random.Random(f"object-recall/{seed}")
+    scenes = [sample_split_scene(rng, "train", "single") for _ in range(count)]
+    cells = torch.tensor([cell_index(scene.objects[0]) for scene in scenes])
+    tokens = model.encode_images(render_pixels(scenes, model.config.image_size)).flatten(1, 2)  # (count, 16, c)
+    mask = torch.nn.functional.one_hot(cells, side * side).float()
+    inputs = processor.tokenizer([processor.apply_generation_template(describe(scene)) for scene in scenes],
+                                 padding=True, add_special_tokens=False, return_tensors="pt")
+    conditions = harmon.run_round(tokens, mask, (side, side), prompt_cache=None,
+                                  prompt_attention_mask=inputs["attention_mask"],
+                                  prompt_inputs_embeds=harmon.get_input_embeddings()(inputs["input_ids"])).conditions
+    sampled = harmon.sample_tokens(conditions[mask.bool()], generator=torch.Generator().manual_seed(seed))
+
+    prototypes = {cell: cell_prototypes(model, cell) for cell in cells.unique().tolist()}
+    hits = {measure: 0 for measure in RECALL_MEASURES}
+    for scene, cell, token in zip(scenes, cells.tolist(), sampled):
+        drawn = CELL_CONTENTS[(prototypes[cell] - token).norm(dim=-1).argmin()]
+        asked = scene.objects[0]
+        hits["empty"] += drawn is None
+        if drawn is not None:
+            hits["colour"] += drawn[0] == asked.colour
+            hits["shape"] += drawn[1] == asked.shape
+            hits["object"] += drawn[:2] == (asked.colour, asked.shape)
+    return {measure: hit / count for measure, hit in hits.items()}
+
+
 def main(argv=None):
     from .. import HarmonProcessor
     from ..modeling import HarmonForConditionalGeneration
@@ -65,12 +123,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m harmon_hf.shapes.diagnose", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a Harmon-Shapes model folder")
     parser.add_argument("--count", type=int, default=32, help="prompts to swap (default 32)")
+    parser.add_argument("--recall-count", type=int, default=200, help="scenes for object recall (default 200)")
     args = parser.parse_args(argv)
     model = HarmonForConditionalGeneration.from_pretrained(args.model).eval()
-    influence = prompt_influence(model, HarmonProcessor.from_pretrained(args.model), args.count)
+    processor = HarmonProcessor.from_pretrained(args.model)
+    influence = prompt_influence(model, processor, args.count)
     print(f"share of a change of prompt left at each step, every token masked ({args.count} prompts):")
     for step, value in influence.items():
         print(f"  {step:<14} {value:.4f}")
+    recall = object_recall(model, processor, args.recall_count)
+    print(f"object recall, one object's token masked and drawn by the diffusion head ({args.recall_count} scenes):")
+    for measure, value in recall.items():
+        print(f"  {measure:<14} {value:.3f}")
 
 
 if __name__ == "__main__":
