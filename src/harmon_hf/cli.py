@@ -286,7 +286,8 @@ def _evaluate(args):
 def _shapes(args):
     from .shapes.build import build_initial_model
 
-    print(f"wrote {build_initial_model(args.output, vae_steps=args.vae_steps, seed=args.seed)}")
+    steps = {} if args.vae_steps is None else {"vae_steps": args.vae_steps}
+    print(f"wrote {build_initial_model(args.output, seed=args.seed, **steps)}")
 
 
 def _train(args):
@@ -411,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "initialised Harmon-Shapes, the `model` of the first shapes recipe.")
     shapes.add_argument("action", choices=["init"], help="what to do")
     shapes.add_argument("--output", default="runs/harmon-shapes/init", help="folder to write (runs/harmon-shapes/init)")
-    shapes.add_argument("--vae-steps", type=int, default=2000, help="autoencoder training steps (2000)")
+    shapes.add_argument("--vae-steps", type=int, help="autoencoder training steps (default: "
+                                                     "harmon_hf.shapes.vae.VAE_STEPS)")
     shapes.add_argument("--seed", type=int, default=0, help="seed (0)")
     shapes.set_defaults(run=_shapes)
 

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from ..modeling import HarmonConfig, HarmonForConditionalGeneration
 from ..modeling.processing_harmon import GENERATION_INSTRUCTION, IMAGE_TOKEN, UNCONDITIONAL_PROMPT
-from .vae import SHAPES_VAE, round_trip_score, train_vae
+from .vae import SHAPES_VAE, VAE_STEPS, round_trip_score, train_vae
 from .world import CELLS, corpus_texts
 
 
@@ -90,7 +90,7 @@ def shapes_config(tokenizer, vae_scale: float) -> HarmonConfig:
                         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), **SHAPES_HARMON)
 
 
-def build_initial_model(output_dir: "str | Path", vae_steps: int = 2000, seed: int = 0) -> Path:
+def build_initial_model(output_dir: "str | Path", vae_steps: int = VAE_STEPS, seed: int = 0) -> Path:
     """Train the autoencoder, learn the tokenizer, and save a randomly initialised Harmon-Shapes with both."""
     from .. import processor_for
 
