@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_harmon import HarmonConfig
 from .scheduling_harmon import HarmonDiffusionScheduler
@@ -374,7 +375,6 @@ class HarmonPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["Qwen2DecoderLayer", "HarmonMARBlock", "HarmonDiffusionHead", "HarmonProjector"]
-    _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
 
@@ -521,13 +521,14 @@ class HarmonModel(HarmonPreTrainedModel):
         _, features = self.encode_visible_tokens(tokens, tokens.new_zeros(batch, height * width), (height, width))
         return features
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
@@ -554,7 +555,7 @@ class HarmonModel(HarmonPreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             **kwargs,
         )
@@ -564,7 +565,7 @@ class HarmonModel(HarmonPreTrainedModel):
     def prefill_prompt(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> DynamicCache:
         """Keys and values of the (right-padded) prompts, reused by every round."""
         cache = DynamicCache(config=self.config.text_config)
-        self.language_model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        self.language_model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
         return cache
 
     def run_round(
@@ -601,7 +602,7 @@ class HarmonModel(HarmonPreTrainedModel):
                 inputs_embeds=llm_inputs.to(self.language_model.dtype),
                 attention_mask=attention_mask,
                 position_ids=position_ids[:, -num_image_positions:],
-                past_key_values=prompt_cache,
+                cache=prompt_cache,
                 use_cache=True,
             ).last_hidden_state
             prompt_cache.crop(-num_image_positions)  # back to the prompt alone
@@ -790,13 +791,14 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self.model.decode_latents(latents)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -822,7 +824,7 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -834,7 +836,7 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
