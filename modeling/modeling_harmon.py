@@ -23,9 +23,15 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.versions import require_version
 
 from .configuration_harmon import HarmonConfig
 from .scheduling_harmon import HarmonDiffusionScheduler
+
+
+# This file also runs as Hub remote code, outside the package's requirements, and before 5.24 the language model
+# silently ignores the `cache` argument this code passes.
+require_version("transformers>=5.24", "Harmon's modeling code needs it: pip install -U 'transformers>=5.24'")
 
 
 # MAR's mask ratio in text-to-image training: a normal centred on "all masked" (its spread and lower end are in

@@ -2,6 +2,8 @@
 gradients, bfloat16 and clear errors on bad input."""
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -302,3 +304,15 @@ def test_loading_keeps_the_saved_weights(tiny_model, tmp_path):
     loaded = HarmonForConditionalGeneration.from_pretrained(tmp_path)
     saved = tiny_model.state_dict()
     assert all(torch.equal(tensor, saved[name]) for name, tensor in loaded.state_dict().items())
+
+
+def test_modeling_code_refuses_a_transformers_without_the_cache_argument():
+    # As remote code the file is loaded whatever transformers is installed; an older one would drop `cache` silently.
+    pretend_old_transformers = (
+        "import importlib.metadata as metadata; installed = metadata.version; "
+        "metadata.version = lambda name: '5.23.0' if name == 'transformers' else installed(name); "
+        "import harmon_hf.modeling.modeling_harmon"
+    )
+    result = subprocess.run([sys.executable, "-c", pretend_old_transformers], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "transformers>=5.24 is required" in result.stderr and "found transformers==5.23.0" in result.stderr
