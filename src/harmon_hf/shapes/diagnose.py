@@ -31,6 +31,22 @@ def relative_change(before: torch.Tensor, after: torch.Tensor) -> float:
     return ((after - before).norm() / before.norm()).item()
 
 
+def token_grid_side(model) -> int:
+    """Tokens per side of the model's default image."""
+    return model.config.image_size // model.config.vae_stride
+
+
+def prompted_round(model, processor, texts: list[str], tokens: torch.Tensor, mask: torch.Tensor):
+    """One sampling round of a square token grid: tokens (b, side * side, c), mask (b, side * side) with 1 = masked,
+    one templated prompt per row, no prompt cache -> the model's round output (`encoded`, `conditions`)."""
+    side = token_grid_side(model)
+    inputs = processor.tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt").to(model.device)
+    harmon = model.model
+    return harmon.run_round(tokens, mask, (side, side), prompt_cache=None,
+                            prompt_attention_mask=inputs["attention_mask"],
+                            prompt_inputs_embeds=harmon.get_input_embeddings()(inputs["input_ids"]))
+
+
 @torch.no_grad()
 def prompt_influence(model, processor, count: int = 32, seed: int = 0) -> dict[str, float]:
     """{step of PROMPT_PATH: ||a - b|| / ||a||} for a = the values with `count` training captions, b = with the
@@ -38,25 +54,20 @@ def prompt_influence(model, processor, count: int = 32, seed: int = 0) -> dict[s
     a model that follows its prompt keeps a sizeable share of the change down to the conditions."""
     if count < 2:
         raise ValueError(f"count must be at least 2 (prompts are swapped between images), got {count}")
-    harmon = model.model
     rng = random.Random(f"prompt-influence/{seed}")
     scenes = [sample_split_scene(rng, "train") for _ in range(count)]
     prompts = [processor.apply_generation_template(caption(scene, rng)) for scene in scenes]
-    side = model.config.image_size // model.config.vae_stride
+    side = token_grid_side(model)
     tokens = torch.zeros(count, side * side, model.config.token_channels, device=model.device)
     mask = torch.ones(count, side * side, device=model.device)
 
     def path_values(texts: list[str]) -> dict[str, torch.Tensor]:
-        inputs = processor.tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
-        inputs = inputs.to(model.device)
         captured = {}
-        hook = harmon.proj_out.register_forward_hook(
+        hook = model.model.proj_out.register_forward_hook(
             lambda module, args, output: captured.update(llm_output=args[0], projected=output)
         )
         try:
-            round_output = harmon.run_round(tokens, mask, (side, side), prompt_cache=None,
-                                            prompt_attention_mask=inputs["attention_mask"],
-                                            prompt_inputs_embeds=harmon.get_input_embeddings()(inputs["input_ids"]))
+            round_output = prompted_round(model, processor, texts, tokens, mask)
         finally:
             hook.remove()
         return {**captured, "decoder_input": round_output.encoded, "conditions": round_output.conditions}
@@ -86,22 +97,18 @@ def object_recall(model, processor, count: int = 200, seed: int = 0) -> dict[str
     encoded alone), so the true token scores 1.0 on `object`, `colour` and `shape`. `empty`: the head drew nothing."""
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
-    side = model.config.image_size // model.config.vae_stride
+    side = token_grid_side(model)
     if side != CELLS:
         raise ValueError(f"object_recall needs one token per cell of the world's {CELLS} x {CELLS} grid; this model "
                          f"has {side} x {side} tokens")
-    harmon = model.model
     rng = random.Random(f"object-recall/{seed}")
     scenes = [sample_split_scene(rng, "train", "single") for _ in range(count)]
     cells = torch.tensor([cell_index(scene.objects[0]) for scene in scenes])
     tokens = model.encode_images(render_pixels(scenes, model.config.image_size)).flatten(1, 2)  # (count, 16, c)
-    mask = torch.nn.functional.one_hot(cells, side * side).float()
-    inputs = processor.tokenizer([processor.apply_generation_template(describe(scene)) for scene in scenes],
-                                 padding=True, add_special_tokens=False, return_tensors="pt")
-    conditions = harmon.run_round(tokens, mask, (side, side), prompt_cache=None,
-                                  prompt_attention_mask=inputs["attention_mask"],
-                                  prompt_inputs_embeds=harmon.get_input_embeddings()(inputs["input_ids"])).conditions
-    sampled = harmon.sample_tokens(conditions[mask.bool()], generator=torch.Generator().manual_seed(seed))
+    mask = torch.nn.functional.one_hot(cells, side * side).float().to(model.device)
+    prompts = [processor.apply_generation_template(describe(scene)) for scene in scenes]
+    conditions = prompted_round(model, processor, prompts, tokens, mask).conditions
+    sampled = model.model.sample_tokens(conditions[mask.bool()], generator=torch.Generator().manual_seed(seed))
 
     prototypes = {cell: cell_prototypes(model, cell) for cell in cells.unique().tolist()}
     hits = {measure: 0 for measure in RECALL_MEASURES}
