@@ -80,6 +80,9 @@ class HarmonConfig(PreTrainedConfig):
         num_train_timesteps (`int`): steps of the diffusion process the head was trained on.
         num_inference_steps (`int`): respaced diffusion steps used for sampling by default.
         diffusion_batch_mul (`int`): each target token is repeated this many times in the diffusion loss.
+        diffusion_prediction_type (`str`): what the diffusion head predicts, "epsilon" (the released models, as MAR's)
+            or "v_prediction" (v = sqrt(alpha_bar) epsilon - sqrt(1 - alpha_bar) x_0; its loss keeps weight on the clean
+            latent at high noise, where the conditions decide what is drawn), as diffusers' `prediction_type`.
         diffusion_clip_range (`float`, *optional*): when set, sampling clamps the head's predicted clean latent to
             +-this value at every step (improved DDPM's `clip_denoised`); None (no clamp) for the released models.
         mask_ratio_min (`float`): lower end of the mask ratio in text-to-image training, a normal centred on 1 (all
@@ -116,6 +119,7 @@ class HarmonConfig(PreTrainedConfig):
     num_train_timesteps: int = 1000
     num_inference_steps: int = 100
     diffusion_batch_mul: int = 4
+    diffusion_prediction_type: str = "epsilon"
     diffusion_clip_range: float | None = None
     mask_ratio_min: float = 0.7
     mask_ratio_std: float = 0.25

@@ -229,7 +229,8 @@ class HarmonDiffusionFinalLayer(nn.Module):
 
 
 class HarmonDiffusionHead(nn.Module):
-    """MAR's per-token denoiser (an MLP with adaptive LayerNorm): predicts [epsilon, v] for each noisy token.
+    """MAR's per-token denoiser (an MLP with adaptive LayerNorm): for each noisy token, predicts epsilon (or v, see
+    `diffusion_prediction_type`) and the value that sets its variance between the posterior's and beta.
 
     The adaptive-norm modulations depend on the timestep and the condition only, not on the noisy token, so a
     sampler can compute them for many steps in one batch (`modulations`) and run only `denoise` per step.
@@ -281,16 +282,16 @@ class HarmonDiffusionHead(nn.Module):
     def denoise_with_guidance(self, noisy, modulations, guidance_scale: float) -> torch.Tensor:
         """Classifier-free guidance over a batch of conditional rows then unconditional rows.
 
-        Both halves are evaluated on the conditional half's tokens; the guided epsilon is used for both halves while
-        each keeps its own variance prediction.
+        Both halves are evaluated on the conditional half's tokens; the guided prediction (epsilon or v, both linear
+        in the clean latent for a given noisy token) is used for both halves while each keeps its own variance.
         """
         if guidance_scale == 1.0:
             return self.denoise(noisy, modulations)
         conditional = noisy[: len(noisy) // 2]
         output = self.denoise(torch.cat([conditional, conditional]), modulations)
-        epsilon, variance_value = output.split(self.token_channels, dim=-1)
-        epsilon_cond, epsilon_uncond = epsilon.chunk(2)
-        guided = epsilon_uncond + guidance_scale * (epsilon_cond - epsilon_uncond)
+        prediction, variance_value = output.split(self.token_channels, dim=-1)
+        prediction_cond, prediction_uncond = prediction.chunk(2)
+        guided = prediction_uncond + guidance_scale * (prediction_cond - prediction_uncond)
         return torch.cat([torch.cat([guided, guided]), variance_value], dim=-1)
 
     def forward_with_guidance(self, noisy, timesteps, condition, guidance_scale: float) -> torch.Tensor:
@@ -457,6 +458,7 @@ class HarmonModel(HarmonPreTrainedModel):
         with torch.device("cpu"):
             self.noise_scheduler = HarmonDiffusionScheduler(
                 num_train_timesteps=config.num_train_timesteps,
+                prediction_type=config.diffusion_prediction_type,
                 clip_sample=config.diffusion_clip_range is not None,
                 clip_sample_range=config.diffusion_clip_range or 1.0,
             )
@@ -645,8 +647,9 @@ class HarmonModel(HarmonPreTrainedModel):
         """Sample one latent token per condition row with the diffusion head.
 
         `scheduler` is a [`HarmonDiffusionScheduler`] with its timesteps set (the default: the reference's 100 steps)
-        or any diffusers scheduler with `set_timesteps` already called, which gets the predicted epsilon alone (for
-        example DPM-Solver++ for fewer steps; `temperature` applies to the Harmon scheduler only). With guidance,
+        or any diffusers scheduler with `set_timesteps` already called and the head's `prediction_type`, which gets
+        the prediction alone (for example DPM-Solver++ for fewer steps; `temperature` applies to the Harmon scheduler
+        only). With guidance,
         `conditions` holds conditional rows then unconditional rows, and both halves start from the same noise.
         `latents` (start noise of the conditional half) and `step_noise` (num_steps, n, c) reproduce a recorded run.
         Returns (n, c) in float32.
@@ -690,8 +693,8 @@ class HarmonModel(HarmonPreTrainedModel):
                         temperature=temperature,
                     ).prev_sample
                 else:
-                    epsilon = model_output[:, : self.config.token_channels]
-                    sample = scheduler.step(epsilon, timestep, sample, generator=generator).prev_sample
+                    prediction = model_output[:, : self.config.token_channels]
+                    sample = scheduler.step(prediction, timestep, sample, generator=generator).prev_sample
         return sample
 
     # -- training losses --------------------------------------------------------------------------------------------
@@ -700,10 +703,11 @@ class HarmonModel(HarmonPreTrainedModel):
         """Per-token `mse`, `vb` (bits, mean prediction detached) and `loss` = mse + vb of the diffusion head."""
         noisy = self.noise_scheduler.add_noise(target, noise, timesteps)
         output = self.diffusion_head(noisy, timesteps, conditions).float()
-        epsilon, variance_value = output.split(self.config.token_channels, dim=-1)
-        mse = ((noise - epsilon) ** 2).mean(dim=-1)
+        prediction, variance_value = output.split(self.config.token_channels, dim=-1)
+        prediction_target = self.noise_scheduler.training_target(target, noise, timesteps)
+        mse = ((prediction_target - prediction) ** 2).mean(dim=-1)
         vb = self.noise_scheduler.variational_bound(
-            torch.cat([epsilon.detach(), variance_value], dim=-1), target, noisy, timesteps
+            torch.cat([prediction.detach(), variance_value], dim=-1), target, noisy, timesteps
         )
         return {"mse": mse, "vb": vb, "loss": mse + vb}
 

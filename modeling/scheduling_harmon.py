@@ -1,8 +1,10 @@
 """The diffusion process of Harmon's per-token diffusion head, as a diffusers scheduler.
 
 MAR's head uses improved-DDPM's process: a cosine schedule, epsilon prediction and a learned interpolation between
-the posterior variance and beta ("learned_range"). `DDPMScheduler` already has the schedule, the timestep respacing
-and the forward process; this subclass adds what sampling and training with such a head also need: a sampling
+the posterior variance and beta ("learned_range"). A head may instead predict v = sqrt(alpha_bar) epsilon -
+sqrt(1 - alpha_bar) x_0 (`prediction_type="v_prediction"`, Salimans & Ho, 2022), whose loss keeps weight on the
+clean latent near t = T, where epsilon's loss has almost none. `DDPMScheduler` already has the schedule, the
+timestep respacing and the forward process; this subclass adds what sampling and training with such a head also need: a sampling
 temperature, externally supplied noise, improved-DDPM's "clipped" posterior log-variance and the variational bound.
 Every coefficient is computed in float64 and cast at use, as in the reference: diffusers builds the schedule in
 float32, where 1 - alpha_bar near t = 0 keeps only three significant digits.
@@ -49,10 +51,10 @@ class HarmonDiffusionScheduler(DDPMScheduler):
             clip_sample=clip_sample,
             clip_sample_range=clip_sample_range,
         )
-        if (variance_type, prediction_type) != ("learned_range", "epsilon"):
+        if variance_type != "learned_range" or prediction_type not in PREDICTION_TYPES:
             raise ValueError(
-                f"HarmonDiffusionScheduler models epsilon prediction with learned-range variance, "
-                f"got variance_type={variance_type!r}, prediction_type={prediction_type!r}"
+                f"HarmonDiffusionScheduler models learned-range variance with prediction_type one of "
+                f"{PREDICTION_TYPES}, got variance_type={variance_type!r}, prediction_type={prediction_type!r}"
             )
         self.alpha_bar_float64 = cosine_alpha_bar(num_train_timesteps)
         self.alphas_cumprod = self.alpha_bar_float64.float()
@@ -89,13 +91,33 @@ class HarmonDiffusionScheduler(DDPMScheduler):
             raise ValueError(f"timesteps {timesteps.tolist()} are not all steps of the current process")
         return _broadcast_like(self._process[name][positions], like)
 
+    def _signal_and_noise_scales(self, timesteps, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t) at timesteps of the original process, broadcast to `like`."""
+        alpha_bar = self.alpha_bar_float64[torch.as_tensor(timesteps).cpu()]
+        return _broadcast_like(alpha_bar.sqrt(), like), _broadcast_like((1.0 - alpha_bar).sqrt(), like)
+
     def add_noise(self, original_samples, noise, timesteps):
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise, for timesteps of the original process."""
-        alpha_bar = self.alpha_bar_float64[torch.as_tensor(timesteps).cpu()]
-        return (
-            _broadcast_like(alpha_bar.sqrt(), original_samples) * original_samples
-            + _broadcast_like((1.0 - alpha_bar).sqrt(), original_samples) * noise
-        )
+        signal_scale, noise_scale = self._signal_and_noise_scales(timesteps, original_samples)
+        return signal_scale * original_samples + noise_scale * noise
+
+    def training_target(self, original_samples, noise, timesteps):
+        """What the head learns to predict: the noise, or v = sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) x_0."""
+        if self.config.prediction_type == "epsilon":
+            return noise
+        signal_scale, noise_scale = self._signal_and_noise_scales(timesteps, original_samples)
+        return signal_scale * noise - noise_scale * original_samples
+
+    def original_from_prediction(self, prediction, sample, timesteps):
+        """The clean latent x_0 implied by the head's prediction for x_t = `sample`."""
+        if self.config.prediction_type == "epsilon":
+            return (
+                self._coefficient("sqrt_recip_alpha_bar", timesteps, sample) * sample
+                - self._coefficient("sqrt_recipm1_alpha_bar", timesteps, sample) * prediction
+            )
+        # Directly, not through epsilon: near t = T that route cancels two terms ~2e4 times larger than x_0.
+        signal_scale, noise_scale = self._signal_and_noise_scales(timesteps, sample)
+        return signal_scale * sample - noise_scale * prediction
 
     def posterior_mean_log_variance(self, x_start, x_t, timesteps):
         """Mean and (clipped) log-variance of q(x_{t-1} | x_t, x_0)."""
@@ -106,13 +128,10 @@ class HarmonDiffusionScheduler(DDPMScheduler):
         return mean, self._coefficient("posterior_log_variance", timesteps, x_t).expand_as(x_t)
 
     def model_mean_log_variance(self, model_output, x_t, timesteps, clip: bool = False):
-        """Predicted x_0, and mean and log-variance of p(x_{t-1} | x_t) for a model output `[epsilon, v]`; `clip`
-        clamps the predicted x_0 to +-clip_sample_range (improved DDPM's `clip_denoised`)."""
-        epsilon, variance_value = model_output.split(x_t.shape[-1], dim=-1)
-        pred_original = (
-            self._coefficient("sqrt_recip_alpha_bar", timesteps, x_t) * x_t
-            - self._coefficient("sqrt_recipm1_alpha_bar", timesteps, x_t) * epsilon
-        )
+        """Predicted x_0, and mean and log-variance of p(x_{t-1} | x_t) for a model output `[prediction, variance
+        value]`; `clip` clamps the predicted x_0 to +-clip_sample_range (improved DDPM's `clip_denoised`)."""
+        prediction, variance_value = model_output.split(x_t.shape[-1], dim=-1)
+        pred_original = self.original_from_prediction(prediction, x_t, timesteps)
         if clip:
             pred_original = pred_original.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         mean, min_log = self.posterior_mean_log_variance(pred_original, x_t, timesteps)
@@ -151,6 +170,9 @@ class HarmonDiffusionScheduler(DDPMScheduler):
         kl = gaussian_kl(true_mean, true_log_variance, mean, log_variance).mean(dim=-1) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x_start, mean, 0.5 * log_variance).mean(dim=-1) / math.log(2.0)
         return torch.where(torch.as_tensor(timesteps, device=x_t.device) == 0, nll, kl)
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def cosine_alpha_bar(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:

@@ -316,3 +316,50 @@ def test_modeling_code_refuses_a_transformers_without_the_cache_argument():
     result = subprocess.run([sys.executable, "-c", pretend_old_transformers], capture_output=True, text=True)
     assert result.returncode != 0
     assert "transformers>=5.24 is required" in result.stderr and "found transformers==5.23.0" in result.stderr
+
+
+def test_v_prediction_targets_v_and_recovers_the_clean_latent_at_every_noise_level():
+    from harmon_hf.modeling import HarmonDiffusionScheduler
+
+    scheduler = HarmonDiffusionScheduler(prediction_type="v_prediction")
+    x_start, noise = torch.randn(3, 8), torch.randn(3, 8)
+    timesteps = torch.tensor([0, 500, 999])
+    alpha_bar = scheduler.alpha_bar_float64[timesteps].float()[:, None]
+    velocity = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x_start
+    assert_close(scheduler.training_target(x_start, noise, timesteps), velocity, 1e-5)
+    x_t = scheduler.add_noise(x_start, noise, timesteps)
+    # Near t = T the clean latent is ~2e4 times smaller than what the epsilon route would cancel to find it.
+    assert_close(scheduler.original_from_prediction(velocity, x_t, timesteps), x_start, 1e-5)
+    scheduler.set_timesteps(100)
+    for timestep in scheduler.timesteps[::20]:
+        x_t = scheduler.add_noise(x_start, noise, timestep)
+        target = scheduler.training_target(x_start, noise, timestep)
+        step = scheduler.step(torch.cat([target, torch.zeros_like(target)], -1), timestep, x_t)
+        assert_close(step.pred_original_sample, x_start, 1e-4, name=f"t={int(timestep)}")
+    epsilon_scheduler = HarmonDiffusionScheduler()
+    assert torch.equal(epsilon_scheduler.training_target(x_start, noise, timesteps), noise)  # the released heads
+
+
+def test_diffusion_loss_follows_the_prediction_type(tiny_model):
+    from harmon_hf import HarmonModel
+
+    config = copy.deepcopy(tiny_model.config)
+    config.diffusion_prediction_type = "v_prediction"
+    v_model = HarmonModel(config)
+    v_model.load_state_dict(tiny_model.model.state_dict())
+    target, noise = torch.randn(6, config.token_channels), torch.randn(6, config.token_channels)
+    conditions = torch.randn(6, config.decoder_hidden_size)
+    timesteps = torch.tensor([0, 100, 400, 700, 900, 999])
+    with torch.no_grad():
+        noisy = v_model.noise_scheduler.add_noise(target, noise, timesteps)
+        prediction = v_model.diffusion_head(noisy, timesteps, conditions)[:, : config.token_channels]
+        terms = {"epsilon": tiny_model.model.diffusion_loss_terms(target, conditions, timesteps, noise),
+                 "v_prediction": v_model.diffusion_loss_terms(target, conditions, timesteps, noise)}
+    velocity = v_model.noise_scheduler.training_target(target, noise, timesteps)
+    assert_close(terms["v_prediction"]["mse"], ((velocity - prediction) ** 2).mean(-1), 1e-5)
+    assert_close(terms["epsilon"]["mse"], ((noise - prediction) ** 2).mean(-1), 1e-5)
+    assert not torch.allclose(terms["epsilon"]["vb"], terms["v_prediction"]["vb"])  # the variance sees x_0 v's way
+    bad = copy.deepcopy(tiny_model.config)
+    bad.diffusion_prediction_type = "sample"
+    with pytest.raises(ValueError, match="'sample'.*epsilon.*v_prediction|epsilon.*v_prediction.*'sample'"):
+        HarmonModel(bad)

@@ -98,6 +98,11 @@ def test_dpm_solver_for_fewer_steps(pipe):
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(original.config)
         with pytest.raises(ValueError, match="variance_type=None"):
             pipe("a red circle", **FAST)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+            original.config, variance_type=None, prediction_type="v_prediction"
+        )
+        with pytest.raises(ValueError, match="prediction_type='v_prediction'.*predicts 'epsilon'"):
+            pipe("a red circle", **FAST)
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(original.config, variance_type=None)
         latents = pipe("a red circle", num_iter=4, num_inference_steps=10, output_type="latent", generator=_seed()).images
         again = pipe("a red circle", num_iter=4, num_inference_steps=10, output_type="latent", generator=_seed()).images

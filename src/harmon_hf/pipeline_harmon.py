@@ -28,8 +28,8 @@ class HarmonPipelineOutput(BaseOutput):
 class HarmonPipeline(DiffusionPipeline):
     r"""
     Text-to-image generation with Harmon: `num_iter` masked-autoregressive rounds, each sampling its tokens with the
-    diffusion head under `scheduler` (by default the reference's 100-step process; any diffusers scheduler with
-    epsilon prediction can take its place, e.g. `DPMSolverMultistepScheduler` for fewer steps).
+    diffusion head under `scheduler` (by default the reference's 100-step process; any diffusers scheduler with the
+    head's prediction type can take its place, e.g. `DPMSolverMultistepScheduler` for fewer steps).
 
     Loads from the same folder or Hub repository as the model: `HarmonPipeline.from_pretrained("path/or/hub-id")`.
     """
@@ -107,6 +107,12 @@ class HarmonPipeline(DiffusionPipeline):
                 f"{type(self.scheduler).__name__} would cut the head's output to 3 channels for its learned variance; "
                 "create it with variance_type=None, e.g. DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, "
                 "variance_type=None)"
+            )
+        head_predicts = self.model.config.diffusion_prediction_type
+        if config.get("prediction_type", head_predicts) != head_predicts:
+            raise ValueError(
+                f"{type(self.scheduler).__name__} has prediction_type={config.prediction_type!r}, but the model's "
+                f"diffusion head predicts {head_predicts!r}; create the scheduler from pipe.scheduler.config"
             )
 
     def encode_prompt(self, prompt, negative_prompt, num_images_per_prompt, guidance_scale):
