@@ -310,6 +310,7 @@ def test_stop_ends_a_generation_early(app, open_page, pipeline_calls):
     page.screenshot("generate-progress")
     page.click("#generate-stop")
     page.wait_for(lambda: pipeline_calls and pipeline_calls[-1]["finished"], message="the model to stop")
+    page.screenshot("generate-stopped")
     assert pipeline_calls[-1]["rounds"] < 64
     assert not page.images("gallery")
     assert "Error" not in page.text()
