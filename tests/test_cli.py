@@ -80,8 +80,9 @@ def test_prompts_file_in_geneval_layout_resumes_and_shards(harmon_folder, tmp_pa
     single = tmp_path / "single"
     # One thread, as `accelerate launch` gives each CPU process: sums split over threads round differently.
     one_thread = {"OMP_NUM_THREADS": "1"}
-    result = harmon("generate", "--prompts", prompts, "--outdir", single, "--model", harmon_folder, "--size", "32", *FAST,
-                    env=one_thread)
+    generate_single = ["generate", "--prompts", prompts, "--outdir", single, "--model", harmon_folder, "--size", "32",
+                       *FAST]
+    result = harmon(*generate_single, env=one_thread)
     assert result.returncode == 0, result.stderr
     for index, entry in enumerate(entries):
         assert json.loads((single / f"{index:05d}" / "metadata.jsonl").read_text()) == entry
@@ -91,8 +92,7 @@ def test_prompts_file_in_geneval_layout_resumes_and_shards(harmon_folder, tmp_pa
     missing = single / "00002" / "samples" / "0000.png"
     expected_missing = np.asarray(Image.open(missing))
     missing.unlink()
-    result = harmon("generate", "--prompts", prompts, "--outdir", single, "--model", harmon_folder, "--size", "32", *FAST,
-                    env=one_thread)
+    result = harmon(*generate_single, env=one_thread)
     assert result.returncode == 0 and kept.stat().st_mtime_ns == kept_time
     assert np.array_equal(np.asarray(Image.open(missing)), expected_missing)
 
