@@ -649,8 +649,8 @@ class HarmonModel(HarmonPreTrainedModel):
         `scheduler` is a [`HarmonDiffusionScheduler`] with its timesteps set (the default: the reference's 100 steps)
         or any diffusers scheduler with `set_timesteps` already called and the head's `prediction_type`, which gets
         the prediction alone (for example DPM-Solver++ for fewer steps; `temperature` applies to the Harmon scheduler
-        only). With guidance,
-        `conditions` holds conditional rows then unconditional rows, and both halves start from the same noise.
+        only). With guidance, `conditions` holds conditional rows then unconditional rows, and both halves start from
+        the same noise.
         `latents` (start noise of the conditional half) and `step_noise` (num_steps, n, c) reproduce a recorded run.
         Returns (n, c) in float32.
         """

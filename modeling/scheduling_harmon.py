@@ -6,9 +6,8 @@ sqrt(1 - alpha_bar) x_0 (`prediction_type="v_prediction"`, Salimans & Ho, 2022),
 clean latent near t = T, where epsilon's loss has almost none. `DDPMScheduler` already has the schedule, the
 timestep respacing and the forward process; this subclass adds what sampling and training with such a head also
 need: a sampling temperature, externally supplied noise, improved-DDPM's "clipped" posterior log-variance and the
-variational bound.
-Every coefficient is computed in float64 and cast at use, as in the reference: diffusers builds the schedule in
-float32, where 1 - alpha_bar near t = 0 keeps only three significant digits.
+variational bound. Every coefficient is computed in float64 and cast at use, as in the reference: diffusers builds
+the schedule in float32, where 1 - alpha_bar near t = 0 keeps only three significant digits.
 """
 
 import math
