@@ -173,6 +173,10 @@ class Page:
         sources = [image.get_attribute("src") for image in shown]
         return [Image.open(io.BytesIO(urllib.request.urlopen(source).read())) for source in sources]
 
+    def error_messages(self) -> list[str]:
+        """The texts of the error notices the page shows (an error raised by a handler)."""
+        return [toast.text for toast in self.driver.find_elements(By.CSS_SELECTOR, "[data-testid=toast-body]")]
+
     def screenshot(self, name: str):
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         self.driver.execute_script("window.scrollTo(0, 0)")
@@ -255,6 +259,7 @@ def test_an_invalid_size_is_explained_in_the_page(app, open_page):
     _generate(page, "a red circle", seed=0, height=40)
     page.wait_for(lambda: "height must be a positive multiple of 16, got 40" in page.text(), message="the error")
     page.screenshot("generate-invalid-size")
+    assert any("height must be a positive multiple of 16" in message for message in page.error_messages())
     assert "Traceback" not in page.driver.page_source
     assert not page.images("gallery")
 
@@ -320,10 +325,13 @@ def test_stop_ends_a_generation_early(app, open_page, pipeline_calls):
     page.screenshot("generate-progress")
     page.click("#generate-stop")
     page.wait_for(lambda: pipeline_calls and pipeline_calls[-1]["finished"], message="the model to stop")
+    time.sleep(1)  # an error raised by the handler would reach the page within this
     page.screenshot("generate-stopped")
     assert pipeline_calls[-1]["rounds"] < 64
     assert not page.images("gallery")
-    assert "Error" not in page.text()
+    # No error notice. (The gallery itself sometimes shows Gradio's "Error" badge after a cancelled run: 2 of 6 CI
+    # runs on 2026-11-25, with no exception in the handler; that badge comes from Gradio's cancellation, not from us.)
+    assert not page.error_messages()
 
 
 def test_sessions_at_once_each_get_their_own_images(app, open_page, expected_pipe, pipeline_calls):
