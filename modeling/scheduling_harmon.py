@@ -20,6 +20,10 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 
+# What a head may predict: MAR's epsilon, or v (see above).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 @dataclass
 class HarmonSchedulerOutput(BaseOutput):
     """`prev_sample` is x_{t-1}; `mean` and `log_variance` describe the Gaussian it was drawn from."""
@@ -170,9 +174,6 @@ class HarmonDiffusionScheduler(DDPMScheduler):
         kl = gaussian_kl(true_mean, true_log_variance, mean, log_variance).mean(dim=-1) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x_start, mean, 0.5 * log_variance).mean(dim=-1) / math.log(2.0)
         return torch.where(torch.as_tensor(timesteps, device=x_t.device) == 0, nll, kl)
-
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def cosine_alpha_bar(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:

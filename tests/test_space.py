@@ -100,13 +100,21 @@ class Page:
     def close(self):
         self.driver.quit()
 
-    def wait_for(self, condition, timeout: float = TIMEOUT, message: str = ""):
+    @staticmethod
+    def poll(condition, timeout: float):
+        """`condition()`'s first true value within `timeout` seconds, else None."""
         deadline = time.monotonic() + timeout
         while not (result := condition()):
             if time.monotonic() > deadline:
-                self.screenshot(f"timed-out-{time.strftime('%H%M%S')}")
-                pytest.fail(f"timed out waiting for {message or condition}; the page shows:\n{self.text()}")
+                return None
             time.sleep(0.1)
+        return result
+
+    def wait_for(self, condition, timeout: float = TIMEOUT, message: str = ""):
+        result = self.poll(condition, timeout)
+        if not result:
+            self.screenshot(f"timed-out-{time.strftime('%H%M%S')}")
+            pytest.fail(f"timed out waiting for {message or condition}; the page shows:\n{self.text()}")
         return result
 
     def text(self) -> str:
@@ -160,12 +168,9 @@ class Page:
         image a minute later), so the file is given again after a while."""
         for _ in range(UPLOAD_ATTEMPTS):
             self.element(f"#{elem_id} input[type=file]").send_keys(str(path))
-            deadline = time.monotonic() + TIMEOUT / UPLOAD_ATTEMPTS
-            while time.monotonic() < deadline:
-                if shown():
-                    return
-                time.sleep(0.1)
-        self.wait_for(shown, timeout=0, message=f"the upload to #{elem_id}")
+            if self.poll(shown, TIMEOUT / UPLOAD_ATTEMPTS):
+                return
+        self.wait_for(shown, timeout=0, message=f"the upload to #{elem_id}")  # fails, showing the page
 
     def images(self, elem_id: str) -> list[Image.Image]:
         """The images shown in a Gallery or Image output, as the server sent them."""
