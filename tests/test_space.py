@@ -334,9 +334,27 @@ def test_stop_ends_a_generation_early(app, open_page, pipeline_calls):
     page.screenshot("generate-stopped")
     assert pipeline_calls[-1]["rounds"] < 64
     assert not page.images("gallery")
-    # No error notice. (The gallery itself sometimes shows Gradio's "Error" badge after a cancelled run: 2 of 6 CI
-    # runs on 2026-11-25, with no exception in the handler; that badge comes from Gradio's cancellation, not from us.)
+    # Neither an error notice nor Gradio's "Error" badge on the gallery (which a run killed by Gradio's `cancels=`
+    # sometimes left, 2 of 6 CI runs on 2026-11-25).
     assert not page.error_messages()
+    assert "Error" not in page.text()
+
+
+def test_stop_also_ends_a_run_still_waiting_in_the_queue(app, open_page, pipeline_calls):
+    busy, waiting = open_page(app), open_page(app)
+    _generate(busy, "a red circle", seed=0, height=128, width=128, rounds=64, steps=1000)
+    busy.wait_for(lambda: "/64 rounds" in busy.element("#gallery").text, message="the first session's run")
+    _generate(waiting, "a blue square", seed=1)
+    waiting.wait_for(lambda: "queue" in waiting.element("#gallery").text, message="the second session to queue")
+    waiting.click("#generate-stop")
+    busy.click("#generate-stop")
+    # The first run stops; the queued one then starts and ends at once, without a round.
+    busy.wait_for(lambda: pipeline_calls and pipeline_calls[-1]["finished"], message="the first run to stop")
+    waiting.wait_for(lambda: "queue" not in waiting.element("#gallery").text, message="the queued run to end")
+    time.sleep(1)
+    assert len(pipeline_calls) == 1 and pipeline_calls[0]["rounds"] < 64
+    assert not waiting.images("gallery")
+    assert "Error" not in waiting.text()
 
 
 def test_sessions_at_once_each_get_their_own_images(app, open_page, expected_pipe, pipeline_calls):

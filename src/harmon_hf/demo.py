@@ -54,21 +54,57 @@ def _user_error(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
-class BackgroundRun:
-    """Runs `work(report, stop)` in a thread holding `lock`; iterating gives what it `report`s as it comes, then
-    raises what it raised, if anything; `result` is what it returned.
+class StopButton:
+    """The Stop of one tab: a press ends every run the same page session has asked for so far in that tab, running
+    or still waiting in the queue; runs asked for later are not affected.
 
-    Gradio ends a handler that is a generator by closing it at a `yield`: when the user presses Stop or leaves the
-    page. Used as `with BackgroundRun(...) as run: for update in run: ... yield ...`, leaving the block sets `stop`;
-    the work checks it after every step, so the model is free again at once instead of finishing a result nobody
-    will see. The lock, not Gradio's concurrency slot, guards the model: a cancelled request gives its slot back
-    before its thread has finished its current step.
+    Each run is numbered when it is asked for (`number_run`, before it joins the queue) and checks `is_pressed_for`
+    between two steps, so a stopped run ends on its own and Gradio sees a handler that finished. (Gradio's
+    `cancels=` kills the running task instead, which races with the run's last message and can leave Gradio's
+    "Error" badge on the output.)
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._runs_asked: dict[str, int] = {}  # session hash -> runs numbered so far
+        self._stopped_up_to: dict[str, int] = {}  # session hash -> runs with a number up to this are to stop
+
+    def number_run(self, request: gr.Request) -> int:
+        with self._lock:
+            number = self._runs_asked.get(request.session_hash, 0) + 1
+            self._runs_asked[request.session_hash] = number
+        return number
+
+    def press(self, request: gr.Request):
+        with self._lock:
+            self._stopped_up_to[request.session_hash] = self._runs_asked.get(request.session_hash, 0)
+
+    def is_pressed_for(self, request: gr.Request, run_number: int) -> bool:
+        return run_number <= self._stopped_up_to.get(request.session_hash, 0)
+
+    def forget(self, request: gr.Request):
+        """The session has closed its page."""
+        with self._lock:
+            self._runs_asked.pop(request.session_hash, None)
+            self._stopped_up_to.pop(request.session_hash, None)
+
+
+class BackgroundRun:
+    """Runs `work(report, should_stop)` in a thread holding `lock`; iterating gives what it `report`s as it comes,
+    then raises what it raised, if anything; `result` is what it returned.
+
+    The work checks `should_stop()` after every step, so the model is free again at once instead of finishing a
+    result nobody will see. It turns true with `stop_requested()` (the user pressed Stop), or when the `with` block
+    is left early: Gradio closes a handler that is a generator at a `yield` when the user leaves the page. Used as
+    `with BackgroundRun(...) as run: for update in run: ... yield ...`. The lock, not Gradio's concurrency slot,
+    guards the model: a closed request gives its slot back before its thread has finished its current step.
     """
 
     _FINISHED = object()
 
-    def __init__(self, work, lock: threading.Lock):
-        self.stop = threading.Event()
+    def __init__(self, work, lock: threading.Lock, stop_requested=lambda: False):
+        self._left = threading.Event()
+        self.should_stop = lambda: self._left.is_set() or stop_requested()
         self.result = self._error = None
         self._updates = queue.SimpleQueue()
         threading.Thread(target=self._run, args=(work, lock), daemon=True).start()
@@ -76,8 +112,8 @@ class BackgroundRun:
     def _run(self, work, lock):
         try:
             with lock:
-                if not self.stop.is_set():
-                    self.result = work(self._updates.put, self.stop)
+                if not self.should_stop():
+                    self.result = work(self._updates.put, self.should_stop)
         except Exception as error:  # raised again in the handler's thread, where Gradio reports it
             self._error = error
         finally:
@@ -87,7 +123,7 @@ class BackgroundRun:
         return self
 
     def __exit__(self, *exc_info):
-        self.stop.set()
+        self._left.set()
 
     def __iter__(self):
         while (update := self._updates.get()) is not self._FINISHED:
@@ -117,14 +153,14 @@ class _AnswerStreamer(BaseStreamer):
         pass
 
 
-class _StopWhenSet(StoppingCriteria):
-    """Ends `generate` once `event` is set."""
+class _StopWhen(StoppingCriteria):
+    """Ends `generate` once `should_stop()` is true."""
 
-    def __init__(self, event: threading.Event):
-        self.event = event
+    def __init__(self, should_stop):
+        self.should_stop = should_stop
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
 
 
 def _text(message: dict) -> str:
@@ -164,22 +200,27 @@ class HarmonDemo:
         config = pipeline.model.config
         self.native_size, self.stride = config.image_size, config.vae_stride
         self.diffusion_steps = config.num_inference_steps  # the model's default for sampling
+        self.stop_buttons: dict[str, StopButton] = {}  # tab -> its Stop, made as the page is laid out
 
-    # -- handlers: generators, so that Stop can end them between two steps -----------------------------------------
+    # -- handlers: generators that yield between two steps, to show progress. `run_number` is the run's number with
+    # its tab's StopButton; a stopped run leaves the outputs as they were.
 
     def generate(self, prompt, height, width, num_images, negative_prompt, guidance_scale, num_iter,
-                 num_inference_steps, temperature, seed, randomize_seed, progress=gr.Progress()):
+                 num_inference_steps, temperature, seed, randomize_seed, run_number, request: gr.Request,
+                 progress=gr.Progress()):
         """Yields (images, seed) for the gallery and the seed field."""
         seed = self._seed(seed, randomize_seed)
         images = yield from self._sample(
-            progress, prompt, seed, negative_prompt=negative_prompt, height=height, width=width,
-            num_images_per_prompt=num_images, guidance_scale=guidance_scale, num_iter=num_iter,
-            num_inference_steps=num_inference_steps, temperature=temperature,
+            progress, self._stop_requested("generate", request, run_number), prompt, seed,
+            negative_prompt=negative_prompt, height=height, width=width, num_images_per_prompt=num_images,
+            guidance_scale=guidance_scale, num_iter=num_iter, num_inference_steps=num_inference_steps,
+            temperature=temperature,
         )
-        yield images, seed
+        if images is not None:
+            yield images, seed
 
     def inpaint(self, editor, prompt, negative_prompt, guidance_scale, num_iter, num_inference_steps, temperature,
-                seed, randomize_seed, progress=gr.Progress()):
+                seed, randomize_seed, run_number, request: gr.Request, progress=gr.Progress()):
         """Yields (image, seed): the editor's background with its painted part regenerated."""
         if not editor or editor["background"] is None:
             raise _user_error("Upload an image, then paint over the part to regenerate.")
@@ -190,13 +231,15 @@ class HarmonDemo:
             raise _user_error("Paint over the part of the image to regenerate with the brush.")
         seed = self._seed(seed, randomize_seed)
         images = yield from self._sample(
-            progress, prompt, seed, negative_prompt=negative_prompt, height=height, width=width, image=image,
-            mask_image=mask, guidance_scale=guidance_scale, num_iter=num_iter, num_inference_steps=num_inference_steps,
+            progress, self._stop_requested("inpaint", request, run_number), prompt, seed,
+            negative_prompt=negative_prompt, height=height, width=width, image=image, mask_image=mask,
+            guidance_scale=guidance_scale, num_iter=num_iter, num_inference_steps=num_inference_steps,
             temperature=temperature,
         )
-        yield images[0], seed
+        if images is not None:
+            yield images[0], seed
 
-    def answer(self, image, question, history, max_new_tokens):
+    def answer(self, image, question, history, max_new_tokens, run_number, request: gr.Request):
         """Yields (chat, question box): the chat with the answer so far to `question` about `image`, after the turns
         already in `history`, token by token."""
         if image is None:
@@ -207,21 +250,24 @@ class HarmonDemo:
         turns.append({"role": "user", "content": question})
         messages = [image_question(turns[0]["content"]), *turns[1:]]  # the image belongs to the first question
 
-        def work(report, stop):
+        def work(report, should_stop):
             processor, model = self.pipeline.processor, self.pipeline.model
             inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True),
                                images=[image.convert("RGB")]).to(model.device)
             model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                            eos_token_id=answer_stop_ids(processor.tokenizer),
                            streamer=_AnswerStreamer(processor.tokenizer, report),
-                           stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]))
+                           stopping_criteria=StoppingCriteriaList([_StopWhen(should_stop)]))
 
         yield turns + [{"role": "assistant", "content": ""}], ""
-        with BackgroundRun(work, self.lock) as run:
+        with BackgroundRun(work, self.lock, self._stop_requested("understand", request, run_number)) as run:
             for answer in run:
                 yield turns + [{"role": "assistant", "content": answer}], gr.skip()
 
     # -- shared steps ----------------------------------------------------------------------------------------------
+
+    def _stop_requested(self, tab: str, request: gr.Request, run_number: int):
+        return lambda: self.stop_buttons[tab].is_pressed_for(request, run_number)
 
     @staticmethod
     def _seed(seed: int, randomize: bool) -> int:
@@ -234,18 +280,18 @@ class HarmonDemo:
         width, height = (max(self.stride, round(side * scale / self.stride) * self.stride) for side in image.size)
         return height, width
 
-    def _sample(self, progress, prompt: str, seed: int, **settings):
-        """Runs the pipeline in the background, showing each finished round in `progress`. Before the first round
-        and after each one it yields (no change, seed) for the handler's outputs (images, seed field): the points
-        where Stop can end it; the seed in use shows at once. Returns the images."""
+    def _sample(self, progress, stop_requested, prompt: str, seed: int, **settings):
+        """Runs the pipeline in the background, showing each finished round in `progress`, until it ends or
+        `stop_requested()`. Before the first round and after each one it yields (no change, seed) for the handler's
+        outputs (images, seed field): the seed in use shows at once. Returns the images, or None if stopped."""
         if not prompt.strip():
             raise _user_error("Type a prompt.")
         settings["negative_prompt"] = settings["negative_prompt"] or None  # an empty box means Harmon's own
 
-        def work(report, stop):
+        def work(report, should_stop):
             def after_round(pipeline, round_index, num_masked, tensors):
                 report(round_index + 1)
-                pipeline._interrupt = stop.is_set()
+                pipeline._interrupt = should_stop()
                 return tensors
 
             generator = torch.Generator(device="cpu").manual_seed(seed)  # the same image on any device
@@ -253,13 +299,13 @@ class HarmonDemo:
 
         rounds = settings["num_iter"]
         progress((0, rounds), desc="Generating", unit="rounds")
-        yield gr.skip(), seed  # Gradio can close a generator only once it has yielded: Stop works from the start
+        yield gr.skip(), seed
         try:
-            with BackgroundRun(work, self.lock) as run:
+            with BackgroundRun(work, self.lock, stop_requested) as run:
                 for finished_rounds in run:
                     progress((finished_rounds, rounds), desc="Generating", unit="rounds")
                     yield gr.skip(), seed
-                return run.result
+                return None if run.should_stop() else run.result
         except ValueError as error:  # the pipeline's checks of the settings
             raise _user_error(str(error)) from error
 
@@ -275,6 +321,8 @@ class HarmonDemo:
                 self._understand_tab()
             with gr.Tab("Inpaint"):
                 self._inpaint_tab()
+            for stop_button in self.stop_buttons.values():
+                demo.unload(stop_button.forget)
         return demo.queue(max_size=MAX_QUEUE_SIZE)
 
     def _generate_tab(self):
@@ -293,9 +341,9 @@ class HarmonDemo:
             gallery = gr.Gallery(label="Images", format="png", columns=2, object_fit="contain", elem_id="gallery")
         gr.Examples([["a red circle to the left of a blue square"], ["a green triangle above a yellow square"],
                      ["three purple stars on a white background"]], inputs=[prompt])
-        event = gr.on([run.click, prompt.submit], self.generate, inputs=[prompt, height, width, num_images, *settings],
-                      outputs=[gallery, settings.seed], show_progress_on=gallery, **MODEL_CONCURRENCY)
-        stop.click(None, cancels=[event])
+        self._on_run("generate", [run.click, prompt.submit], stop, self.generate,
+                     inputs=[prompt, height, width, num_images, *settings], outputs=[gallery, settings.seed],
+                     show_progress_on=gallery)
 
     def _understand_tab(self):
         with gr.Row():
@@ -310,9 +358,8 @@ class HarmonDemo:
         gr.Examples([[TWO_SHAPES, "What shapes are in the image?"], [STACKED_SHAPES, "What colour is the triangle?"]],
                     inputs=[image, question])
         image.change(lambda: [], outputs=chat, queue=False)  # a conversation is about one image
-        event = gr.on([ask.click, question.submit], self.answer, inputs=[image, question, chat, max_new_tokens],
-                      outputs=[chat, question], show_progress="minimal", **MODEL_CONCURRENCY)
-        stop.click(None, cancels=[event])
+        self._on_run("understand", [ask.click, question.submit], stop, self.answer,
+                     inputs=[image, question, chat, max_new_tokens], outputs=[chat, question], show_progress="minimal")
 
     def _inpaint_tab(self):
         with gr.Row():
@@ -325,9 +372,17 @@ class HarmonDemo:
                 settings = _sampling_settings("inpaint", self.diffusion_steps)
             result = gr.Image(label="Result", format="png", interactive=False, height=420, elem_id="inpaint-result")
         gr.Examples([[TWO_SHAPES, "a purple star"], [STACKED_SHAPES, "a red circle"]], inputs=[editor, prompt])
-        event = gr.on([run.click, prompt.submit], self.inpaint, inputs=[editor, prompt, *settings],
-                      outputs=[result, settings.seed], show_progress_on=result, **MODEL_CONCURRENCY)
-        stop.click(None, cancels=[event])
+        self._on_run("inpaint", [run.click, prompt.submit], stop, self.inpaint, inputs=[editor, prompt, *settings],
+                     outputs=[result, settings.seed], show_progress_on=result)
+
+    def _on_run(self, tab: str, triggers, stop: gr.Button, handler, inputs: list, outputs: list, **options):
+        """Wires one tab's model call: `triggers` number the request with the tab's StopButton at once (outside the
+        queue), then it joins the model's queue with its number as the handler's last input; `stop` presses it."""
+        stop_button = self.stop_buttons[tab] = StopButton()
+        run_number = gr.State()
+        numbered = gr.on(triggers, stop_button.number_run, outputs=run_number, queue=False, show_progress="hidden")
+        numbered.then(handler, inputs=[*inputs, run_number], outputs=outputs, **options, **MODEL_CONCURRENCY)
+        stop.click(stop_button.press, queue=False, show_progress="hidden")
 
 
 def _model_label(name_or_path: str) -> str:
