@@ -1,6 +1,7 @@
 """Harmon-Shapes' training chain: `harmon shapes init`, then the bundled shapes recipes through `harmon train`."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from harmon_hf.shapes import diagnose, release
-from harmon_hf.shapes.diagnose import PROMPT_PATH, RECALL_MEASURES, object_recall, prompt_influence
+from harmon_hf.shapes.diagnose import (FIRST_ROUND_MEASURES, PROMPT_PATH, RECALL_MEASURES, cell_index,
+                                        colour_confusion, first_round_binding, first_round_draws, first_round_scenes,
+                                        object_recall, prompt_influence)
 from harmon_hf.training import Recipe
 
 STAGES = ("stage0_language", "stage1", "stage2", "stage3")
@@ -113,6 +116,7 @@ def test_prompt_influence_finds_where_the_prompt_is_lost(harmon_folder, capsys):
     printed = capsys.readouterr().out
     assert all(f"{step} " in printed for step in PROMPT_PATH) and f"{influence['conditions']:.4f}" in printed
     assert all(f"  {measure} " in printed for measure in RECALL_MEASURES)
+    assert all(f"  {measure} " in printed for measure in FIRST_ROUND_MEASURES)
 
 
 def test_object_recall_reads_what_the_head_draws_in_the_masked_cell(harmon_folder, monkeypatch):
@@ -142,3 +146,43 @@ def test_object_recall_reads_what_the_head_draws_in_the_masked_cell(harmon_folde
     assert object_recall(model, processor, count=6) == {"object": 0.0, "colour": 0.0, "shape": 0.0, "empty": 1.0}
     with pytest.raises(ValueError, match="count must be at least 1"):
         object_recall(model, processor, count=0)
+
+
+def test_first_round_reads_every_cell_the_head_draws_with_all_tokens_masked(harmon_folder, monkeypatch):
+    from harmon_hf import HarmonProcessor
+    from harmon_hf.modeling import HarmonForConditionalGeneration
+    from harmon_hf.shapes.vae import render_pixels
+    from harmon_hf.shapes.world import PALETTE, Scene
+
+    model = HarmonForConditionalGeneration.from_pretrained(harmon_folder).eval()
+    processor = HarmonProcessor.from_pretrained(harmon_folder)
+    scenes = first_round_scenes(6)
+    draws = first_round_draws(model, processor, scenes)
+    assert len(draws) == 6 and all(len(cells) == 16 for cells in draws)
+    assert list(first_round_binding(scenes, draws)) == list(FIRST_ROUND_MEASURES)
+
+    # A head that draws each scene's object token in its cell and the empty token elsewhere draws exactly its one
+    # object in every image, in the asked colour.
+    with torch.no_grad():
+        own = model.encode_images(render_pixels(scenes, 64)).flatten(1, 2)  # (6, 16, c)
+        empty = model.encode_images(render_pixels([Scene("single", ())] * 6, 64)).flatten(1, 2)
+    cells = torch.tensor([cell_index(scene.objects[0]) for scene in scenes])
+    truth = empty.clone()
+    truth[torch.arange(6), cells] = own[torch.arange(6), cells]
+    truth, empty = truth.flatten(0, 1), empty.flatten(0, 1)  # (6 * 16, c), scene-major as the head samples them
+    monkeypatch.setattr(model.model, "sample_tokens", lambda conditions, **kwargs: truth)
+    draws = first_round_draws(model, processor, scenes)
+    assert [sum(content is not None for content in cells) for cells in draws] == [1] * 6
+    assert first_round_binding(scenes, draws) == {"objects per image": 1.0, "object": 1.0, "colour": 1.0,
+                                                  "shape": 1.0}
+    confusion = colour_confusion(scenes, draws)
+    for asked in PALETTE:
+        assert confusion[asked][asked] == sum(scene.objects[0].colour == asked for scene in scenes)
+        assert sum(confusion[asked].values()) == confusion[asked][asked]
+    # One that draws nothing: no objects, and no share of them to report.
+    monkeypatch.setattr(model.model, "sample_tokens", lambda conditions, **kwargs: empty)
+    nothing = first_round_binding(scenes, first_round_draws(model, processor, scenes))
+    assert nothing["objects per image"] == 0.0
+    assert all(math.isnan(nothing[measure]) for measure in ("object", "colour", "shape"))
+    with pytest.raises(ValueError, match="count must be at least 1"):
+        first_round_scenes(0)

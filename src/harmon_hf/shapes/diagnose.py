@@ -8,10 +8,14 @@ change survives at each of these steps.
 `object_recall` asks the last step alone: with everything but one object's token visible and the scene described
 in the prompt, does the diffusion head draw that object from its conditions?
 
+`first_round_binding` asks the first step alone: with every token masked, what does the head draw in each cell, and
+are the drawn objects the colour and shape the prompt asks for? (`colour_confusion` tabulates the colours.)
+
     python -m harmon_hf.shapes.diagnose MODEL [--count 32] [--recall-count 200]
 """
 
 import argparse
+import math
 import random
 
 import torch
@@ -23,6 +27,7 @@ from .world import CELLS, PALETTE, SHAPES, SIZES, Scene, ShapeObject, caption, c
 # What one cell of a single-object scene holds: nothing, or an object of one colour, shape and size.
 CELL_CONTENTS = [None] + [(colour, shape, size) for colour in PALETTE for shape in SHAPES for size in SIZES]
 RECALL_MEASURES = ("object", "colour", "shape", "empty")
+FIRST_ROUND_MEASURES = ("objects per image", "object", "colour", "shape")
 # The steps from the LLM to the diffusion head, in order.
 PROMPT_PATH = ("llm_output", "projected", "decoder_input", "conditions")
 
@@ -76,6 +81,15 @@ def prompt_influence(model, processor, count: int = 32, seed: int = 0) -> dict[s
     return {step: relative_change(own[step], swapped[step]) for step in PROMPT_PATH}
 
 
+def one_token_per_cell(model) -> int:
+    """The token grid's side, checked to be the world's grid of cells (the diagnostics read one cell per token)."""
+    side = token_grid_side(model)
+    if side != CELLS:
+        raise ValueError(f"these diagnostics need one token per cell of the world's {CELLS} x {CELLS} grid; this "
+                         f"model has {side} x {side} tokens")
+    return side
+
+
 def cell_index(obj: ShapeObject) -> int:
     """The object's token in the row-major token sequence of a CELLS x CELLS grid."""
     return int(obj.y * CELLS) * CELLS + int(obj.x * CELLS)
@@ -89,6 +103,12 @@ def cell_prototypes(model, cell: int) -> torch.Tensor:
     return model.encode_images(render_pixels(scenes, model.config.image_size)).flatten(1, 2)[:, cell]
 
 
+def read_tokens(model, cells: list[int], tokens: torch.Tensor) -> list:
+    """What each of `tokens` (n, c) shows at its cell: the nearest of CELL_CONTENTS, each encoded alone there."""
+    prototypes = {cell: cell_prototypes(model, cell) for cell in set(cells)}
+    return [CELL_CONTENTS[(prototypes[cell] - token).norm(dim=-1).argmin()] for cell, token in zip(cells, tokens)]
+
+
 @torch.no_grad()
 def object_recall(model, processor, count: int = 200, seed: int = 0) -> dict[str, float]:
     """{measure of RECALL_MEASURES: share of `count` training scenes of one object}: the object's token is the only
@@ -97,10 +117,7 @@ def object_recall(model, processor, count: int = 200, seed: int = 0) -> dict[str
     encoded alone), so the true token scores 1.0 on `object`, `colour` and `shape`. `empty`: the head drew nothing."""
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
-    side = token_grid_side(model)
-    if side != CELLS:
-        raise ValueError(f"object_recall needs one token per cell of the world's {CELLS} x {CELLS} grid; this model "
-                         f"has {side} x {side} tokens")
+    side = one_token_per_cell(model)
     rng = random.Random(f"object-recall/{seed}")
     scenes = [sample_split_scene(rng, "train", "single") for _ in range(count)]
     cells = torch.tensor([cell_index(scene.objects[0]) for scene in scenes])
@@ -110,10 +127,8 @@ def object_recall(model, processor, count: int = 200, seed: int = 0) -> dict[str
     conditions = prompted_round(model, processor, prompts, tokens, mask).conditions
     sampled = model.model.sample_tokens(conditions[mask.bool()], generator=torch.Generator().manual_seed(seed))
 
-    prototypes = {cell: cell_prototypes(model, cell) for cell in cells.unique().tolist()}
     hits = {measure: 0 for measure in RECALL_MEASURES}
-    for scene, cell, token in zip(scenes, cells.tolist(), sampled):
-        drawn = CELL_CONTENTS[(prototypes[cell] - token).norm(dim=-1).argmin()]
+    for scene, drawn in zip(scenes, read_tokens(model, cells.tolist(), sampled)):
         asked = scene.objects[0]
         hits["empty"] += drawn is None
         if drawn is not None:
@@ -123,6 +138,55 @@ def object_recall(model, processor, count: int = 200, seed: int = 0) -> dict[str
     return {measure: hit / count for measure, hit in hits.items()}
 
 
+@torch.no_grad()
+def first_round_draws(model, processor, scenes: list[Scene], seed: int = 0) -> list[list]:
+    """For each one-object scene: every token masked, the prompt describes the scene (colour and shape), and the
+    diffusion head samples all tokens from this first round's conditions at once, without guidance. Returns, per
+    scene, what each cell shows (`read_tokens`): None or (colour, shape, size)."""
+    side = one_token_per_cell(model)
+    count, num_tokens = len(scenes), side * side
+    tokens = torch.zeros(count, num_tokens, model.config.token_channels, device=model.device)
+    mask = torch.ones(count, num_tokens, device=model.device)
+    prompts = [processor.apply_generation_template(describe(scene)) for scene in scenes]
+    conditions = prompted_round(model, processor, prompts, tokens, mask).conditions  # (count, 16, d)
+    sampled = model.model.sample_tokens(conditions.flatten(0, 1), generator=torch.Generator().manual_seed(seed))
+    drawn = read_tokens(model, list(range(num_tokens)) * count, sampled)
+    return [drawn[start : start + num_tokens] for start in range(0, len(drawn), num_tokens)]
+
+
+def first_round_scenes(count: int, seed: int = 0) -> list[Scene]:
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    rng = random.Random(f"first-round/{seed}")
+    return [sample_split_scene(rng, "train", "single") for _ in range(count)]
+
+
+def first_round_binding(scenes: list[Scene], draws: list[list]) -> dict[str, float]:
+    """{measure of FIRST_ROUND_MEASURES}: the mean number of objects drawn per image (the prompt asks for one), and
+    of the drawn objects, the share with the asked colour and shape (`object`), colour, and shape (nan if none)."""
+    drawn = [(scene.objects[0], content) for scene, cells in zip(scenes, draws) for content in cells if content]
+    total = len(drawn)
+
+    def share(hit) -> float:
+        return sum(hit(asked, content) for asked, content in drawn) / total if total else math.nan
+
+    return {
+        "objects per image": total / len(scenes),
+        "object": share(lambda asked, content: content[:2] == (asked.colour, asked.shape)),
+        "colour": share(lambda asked, content: content[0] == asked.colour),
+        "shape": share(lambda asked, content: content[1] == asked.shape),
+    }
+
+
+def colour_confusion(scenes: list[Scene], draws: list[list]) -> dict[str, dict[str, int]]:
+    """{asked colour: {drawn colour: objects drawn}} over the first round's drawn objects."""
+    table = {asked: dict.fromkeys(PALETTE, 0) for asked in PALETTE}
+    for scene, cells in zip(scenes, draws):
+        for content in filter(None, cells):
+            table[scene.objects[0].colour][content[0]] += 1
+    return table
+
+
 def main(argv=None):
     from .. import HarmonProcessor
     from ..modeling import HarmonForConditionalGeneration
@@ -130,7 +194,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m harmon_hf.shapes.diagnose", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a Harmon-Shapes model folder")
     parser.add_argument("--count", type=int, default=32, help="prompts to swap (default 32)")
-    parser.add_argument("--recall-count", type=int, default=200, help="scenes for object recall (default 200)")
+    parser.add_argument("--recall-count", type=int, default=200,
+                        help="scenes for object recall and for the first round (default 200)")
     args = parser.parse_args(argv)
     model = HarmonForConditionalGeneration.from_pretrained(args.model).eval()
     processor = HarmonProcessor.from_pretrained(args.model)
@@ -142,6 +207,16 @@ def main(argv=None):
     print(f"object recall, one object's token masked and drawn by the diffusion head ({args.recall_count} scenes):")
     for measure, value in recall.items():
         print(f"  {measure:<14} {value:.3f}")
+    scenes = first_round_scenes(args.recall_count)
+    draws = first_round_draws(model, processor, scenes)
+    print(f"first round, every token masked and all drawn at once by the diffusion head ({args.recall_count} scenes "
+          "of one object):")
+    for measure, value in first_round_binding(scenes, draws).items():
+        print(f"  {measure:<17} {value:.3f}")
+    print("  colours drawn (rows: asked)")
+    print("  " + " " * 8 + "".join(f"{colour:>8}" for colour in PALETTE))
+    for asked, row in colour_confusion(scenes, draws).items():
+        print(f"  {asked:<8}" + "".join(f"{count:>8}" for count in row.values()))
 
 
 if __name__ == "__main__":
