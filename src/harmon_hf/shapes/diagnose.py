@@ -103,6 +103,14 @@ def cell_prototypes(model, cell: int) -> torch.Tensor:
     return model.encode_images(render_pixels(scenes, model.config.image_size)).flatten(1, 2)[:, cell]
 
 
+def one_object_scenes(count: int, rng_seed: str) -> list[Scene]:
+    """`count` training scenes of one object each."""
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    rng = random.Random(rng_seed)
+    return [sample_split_scene(rng, "train", "single") for _ in range(count)]
+
+
 def read_tokens(model, cells: list[int], tokens: torch.Tensor) -> list:
     """What each of `tokens` (n, c) shows at its cell: the nearest of CELL_CONTENTS, each encoded alone there."""
     prototypes = {cell: cell_prototypes(model, cell) for cell in set(cells)}
@@ -115,11 +123,8 @@ def object_recall(model, processor, count: int = 200, seed: int = 0) -> dict[str
     masked one, the prompt describes the scene (colour and shape), and the diffusion head samples the token without
     guidance. The sample is read as the nearest of what that cell can hold (each colour, shape and size, or nothing,
     encoded alone), so the true token scores 1.0 on `object`, `colour` and `shape`. `empty`: the head drew nothing."""
-    if count < 1:
-        raise ValueError(f"count must be at least 1, got {count}")
     side = one_token_per_cell(model)
-    rng = random.Random(f"object-recall/{seed}")
-    scenes = [sample_split_scene(rng, "train", "single") for _ in range(count)]
+    scenes = one_object_scenes(count, f"object-recall/{seed}")
     cells = torch.tensor([cell_index(scene.objects[0]) for scene in scenes])
     tokens = model.encode_images(render_pixels(scenes, model.config.image_size)).flatten(1, 2)  # (count, 16, c)
     mask = torch.nn.functional.one_hot(cells, side * side).float().to(model.device)
@@ -155,10 +160,7 @@ def first_round_draws(model, processor, scenes: list[Scene], seed: int = 0) -> l
 
 
 def first_round_scenes(count: int, seed: int = 0) -> list[Scene]:
-    if count < 1:
-        raise ValueError(f"count must be at least 1, got {count}")
-    rng = random.Random(f"first-round/{seed}")
-    return [sample_split_scene(rng, "train", "single") for _ in range(count)]
+    return one_object_scenes(count, f"first-round/{seed}")
 
 
 def first_round_binding(scenes: list[Scene], draws: list[list]) -> dict[str, float]:
