@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from harmon_hf.shapes import diagnose, release
 from harmon_hf.shapes.diagnose import (FIRST_ROUND_MEASURES, PROMPT_PATH, RECALL_MEASURES, cell_index,
-                                        colour_confusion, first_round_binding, first_round_draws, first_round_scenes,
-                                        object_recall, prompt_influence)
+                                        colour_confusion, colour_separation, first_round_binding, first_round_draws,
+                                        first_round_scenes, object_recall, prompt_influence)
 from harmon_hf.training import Recipe
 
 STAGES = ("stage0_language", "stage1", "stage2", "stage3")
@@ -117,6 +117,7 @@ def test_prompt_influence_finds_where_the_prompt_is_lost(harmon_folder, capsys):
     assert all(f"{step} " in printed for step in PROMPT_PATH) and f"{influence['conditions']:.4f}" in printed
     assert all(f"  {measure} " in printed for measure in RECALL_MEASURES)
     assert all(f"  {measure} " in printed for measure in FIRST_ROUND_MEASURES)
+    assert "latent distance between colours" in printed
 
 
 def test_object_recall_reads_what_the_head_draws_in_the_masked_cell(harmon_folder, monkeypatch):
@@ -186,3 +187,26 @@ def test_first_round_reads_every_cell_the_head_draws_with_all_tokens_masked(harm
     assert all(math.isnan(nothing[measure]) for measure in ("object", "colour", "shape"))
     with pytest.raises(ValueError, match="count must be at least 1"):
         first_round_scenes(0)
+
+
+def test_colour_separation_measures_distances_between_latent_tokens(harmon_folder, monkeypatch):
+    from harmon_hf.modeling import HarmonForConditionalGeneration
+    from harmon_hf.shapes.world import PALETTE
+
+    model = HarmonForConditionalGeneration.from_pretrained(harmon_folder).eval()
+    separation = colour_separation(model)
+    table = separation["colours"]
+    assert list(table) == list(PALETTE) and all(list(row) == list(PALETTE) for row in table.values())
+    for a in PALETTE:
+        assert table[a][a] == pytest.approx(0.0, abs=1e-4)
+        for b in PALETTE:
+            assert table[a][b] == pytest.approx(table[b][a], rel=1e-5)
+            assert a == b or table[a][b] > 0
+    assert separation["object to empty"] > 0
+
+    # Distances in the latent space: tokens twice as large are twice as far apart.
+    encode_images = model.encode_images
+    monkeypatch.setattr(model, "encode_images", lambda pixels: 2 * encode_images(pixels))
+    doubled = colour_separation(model)
+    assert doubled["object to empty"] == pytest.approx(2 * separation["object to empty"], rel=1e-4)
+    assert doubled["colours"]["red"]["blue"] == pytest.approx(2 * table["red"]["blue"], rel=1e-4)

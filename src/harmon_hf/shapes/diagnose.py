@@ -11,6 +11,10 @@ in the prompt, does the diffusion head draw that object from its conditions?
 `first_round_binding` asks the first step alone: with every token masked, what does the head draw in each cell, and
 are the drawn objects the colour and shape the prompt asks for? (`colour_confusion` tabulates the colours.)
 
+`colour_separation` looks below the model, at the autoencoder's latents: how far apart two colours of the same shape
+lie, next to how far an object lies from an empty cell. Colours close together there are the ones a diffusion head
+most easily draws in place of each other.
+
     python -m harmon_hf.shapes.diagnose MODEL [--count 32] [--recall-count 200]
 """
 
@@ -189,6 +193,27 @@ def colour_confusion(scenes: list[Scene], draws: list[list]) -> dict[str, dict[s
     return table
 
 
+@torch.no_grad()
+def colour_separation(model) -> dict:
+    """{"colours": {colour: {colour: distance}}, "object to empty": distance}: the mean distance between the tokens of
+    two colours of the same shape and size in the same cell, over every shape, size and cell, and the median distance
+    of an object's token from the empty cell's, in the model's scaled latent units (unit standard deviation)."""
+    one_token_per_cell(model)
+    index = {content: position for position, content in enumerate(CELL_CONTENTS)}
+    colours = list(PALETTE)
+    distances, object_to_empty = torch.zeros(len(colours), len(colours)), []
+    for cell in range(CELLS * CELLS):
+        prototypes = cell_prototypes(model, cell).float()
+        object_to_empty.append((prototypes[1:] - prototypes[0]).norm(dim=-1))
+        for shape in SHAPES:
+            for size in SIZES:
+                tokens = prototypes[[index[(colour, shape, size)] for colour in colours]]
+                distances += torch.cdist(tokens, tokens)
+    distances /= CELLS * CELLS * len(SHAPES) * len(SIZES)
+    table = {a: {b: distances[i, j].item() for j, b in enumerate(colours)} for i, a in enumerate(colours)}
+    return {"colours": table, "object to empty": torch.cat(object_to_empty).median().item()}
+
+
 def main(argv=None):
     from .. import HarmonProcessor
     from ..modeling import HarmonForConditionalGeneration
@@ -219,6 +244,12 @@ def main(argv=None):
     print("  " + " " * 8 + "".join(f"{colour:>8}" for colour in PALETTE))
     for asked, row in colour_confusion(scenes, draws).items():
         print(f"  {asked:<8}" + "".join(f"{count:>8}" for count in row.values()))
+    separation = colour_separation(model)
+    print(f"latent distance between colours (same shape, size and cell; an object from the empty cell: "
+          f"{separation['object to empty']:.2f})")
+    print("  " + " " * 8 + "".join(f"{colour:>8}" for colour in PALETTE))
+    for colour, row in separation["colours"].items():
+        print(f"  {colour:<8}" + "".join(f"{distance:>8.2f}" for distance in row.values()))
 
 
 if __name__ == "__main__":
