@@ -143,3 +143,28 @@ class _IdentityAutoencoder:
 def test_autoencoder_round_trip_is_judged_by_the_detector():
     assert round_trip_score(_IdentityAutoencoder(), num_scenes=40) == 1.0
     assert round_trip_score(_IdentityAutoencoder(blank=True), num_scenes=40) == 0.0
+
+
+def test_autoencoder_decoder_trains_on_latents_with_the_fixed_posterior_deviation(monkeypatch):
+    from diffusers import AutoencoderKL
+
+    from harmon_hf.shapes import vae as shapes_vae
+
+    seen = {}
+    encode, decode = AutoencoderKL.encode, AutoencoderKL.decode
+
+    def spying_encode(self, pixels, *args, **kwargs):
+        output = encode(self, pixels, *args, **kwargs)
+        seen["means"] = output.latent_dist.mean.detach()
+        return output
+
+    def spying_decode(self, latents, *args, **kwargs):
+        seen.setdefault("noise", []).append((latents.detach() - seen["means"]).flatten())
+        return decode(self, latents, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", spying_encode)
+    monkeypatch.setattr(AutoencoderKL, "decode", spying_decode)
+    shapes_vae.train_vae(steps=3, log_every=3)
+    noise = torch.cat(seen["noise"])  # what each training step added to the encoder's means
+    assert noise.std().item() == pytest.approx(shapes_vae.POSTERIOR_STD, rel=0.05)
+    assert abs(noise.mean().item()) < 0.05 * shapes_vae.POSTERIOR_STD

@@ -59,8 +59,8 @@ SHAPES_HARMON = {
     # The paper scales the understanding gradient into the MAR encoder by 0.1 to protect MAR's pretrained features;
     # this encoder starts from scratch, so understanding trains it fully.
     "visual_gradient_scale": 1.0,
-    # An object token lies at a median distance of 11.8 from the empty cell's token (4.7 to 29 over the 36 objects
-    # and 16 cells; latents at unit standard deviation), so up to t ~ 945 of 1000 the noisy token alone shows, by
+    # An object token lay at a median distance of 11.8 from the empty cell's token (4.7 to 29 over the 36 objects
+    # and 16 cells; latents at unit standard deviation; 15.2 with today's autoencoder), so up to t ~ 945 of 1000 the noisy token alone shows, by
     # more than one noise standard deviation, whether a cell holds an object. Only above that do the conditions
     # decide, and there epsilon's loss weighs an error in the clean latent by alpha_bar / (1 - alpha_bar) < 0.0074,
     # v's by more than 1. (v also reads the clean latent without epsilon's ~2e4-fold amplification near t = T, so
