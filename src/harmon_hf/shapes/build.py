@@ -60,11 +60,12 @@ SHAPES_HARMON = {
     # this encoder starts from scratch, so understanding trains it fully.
     "visual_gradient_scale": 1.0,
     # An object token lay at a median distance of 11.8 from the empty cell's token (4.7 to 29 over the 36 objects
-    # and 16 cells; latents at unit standard deviation; 15.2 with today's autoencoder), so up to t ~ 945 of 1000 the noisy token alone shows, by
-    # more than one noise standard deviation, whether a cell holds an object. Only above that do the conditions
-    # decide, and there epsilon's loss weighs an error in the clean latent by alpha_bar / (1 - alpha_bar) < 0.0074,
-    # v's by more than 1. (v also reads the clean latent without epsilon's ~2e4-fold amplification near t = T, so
-    # sampling needs no clamp, which would cut the object tokens' largest values.)
+    # and 16 cells; latents at unit standard deviation; 15.2 with today's autoencoder), so up to t ~ 945 of 1000 the
+    # noisy token alone shows, by more than one noise standard deviation, whether a cell holds an object. Only above
+    # that do the conditions decide, and there epsilon's loss weighs an error in the clean latent by
+    # alpha_bar / (1 - alpha_bar) < 0.0074, v's by more than 1. (v also reads the clean latent without epsilon's
+    # ~2e4-fold amplification near t = T, so sampling needs no clamp, which would cut the object tokens' largest
+    # values.)
     "diffusion_prediction_type": "v_prediction",
     "image_size": IMAGE_SIZE,
 }

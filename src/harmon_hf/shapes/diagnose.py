@@ -31,6 +31,12 @@ from .world import CELLS, PALETTE, SHAPES, SIZES, Scene, ShapeObject, caption, c
 # What one cell of a single-object scene holds: nothing, or an object of one colour, shape and size.
 CELL_CONTENTS = [None] + [(colour, shape, size) for colour in PALETTE for shape in SHAPES for size in SIZES]
 RECALL_MEASURES = ("object", "colour", "shape", "empty")
+# Whether a drawn cell content (colour, shape, size) is what was asked for (a ShapeObject), by measure.
+MATCHES = {
+    "object": lambda asked, drawn: drawn[:2] == (asked.colour, asked.shape),
+    "colour": lambda asked, drawn: drawn[0] == asked.colour,
+    "shape": lambda asked, drawn: drawn[1] == asked.shape,
+}
 FIRST_ROUND_MEASURES = ("objects per image", "object", "colour", "shape")
 # The steps from the LLM to the diffusion head, in order.
 PROMPT_PATH = ("llm_output", "projected", "decoder_input", "conditions")
@@ -141,9 +147,8 @@ def object_recall(model, processor, count: int = 200, seed: int = 0) -> dict[str
         asked = scene.objects[0]
         hits["empty"] += drawn is None
         if drawn is not None:
-            hits["colour"] += drawn[0] == asked.colour
-            hits["shape"] += drawn[1] == asked.shape
-            hits["object"] += drawn[:2] == (asked.colour, asked.shape)
+            for measure, matches in MATCHES.items():
+                hits[measure] += matches(asked, drawn)
     return {measure: hit / count for measure, hit in hits.items()}
 
 
@@ -173,15 +178,9 @@ def first_round_binding(scenes: list[Scene], draws: list[list]) -> dict[str, flo
     drawn = [(scene.objects[0], content) for scene, cells in zip(scenes, draws) for content in cells if content]
     total = len(drawn)
 
-    def share(hit) -> float:
-        return sum(hit(asked, content) for asked, content in drawn) / total if total else math.nan
-
-    return {
-        "objects per image": total / len(scenes),
-        "object": share(lambda asked, content: content[:2] == (asked.colour, asked.shape)),
-        "colour": share(lambda asked, content: content[0] == asked.colour),
-        "shape": share(lambda asked, content: content[1] == asked.shape),
-    }
+    shares = {measure: sum(matches(asked, content) for asked, content in drawn) / total if total else math.nan
+              for measure, matches in MATCHES.items()}
+    return {"objects per image": total / len(scenes), **shares}
 
 
 def colour_confusion(scenes: list[Scene], draws: list[list]) -> dict[str, dict[str, int]]:
@@ -214,6 +213,13 @@ def colour_separation(model) -> dict:
     return {"colours": table, "object to empty": torch.cat(object_to_empty).median().item()}
 
 
+def print_colour_table(table: dict[str, dict[str, float]], number_format: str):
+    """A {colour: {colour: number}} table, a row per colour, under a header of the colours."""
+    print("  " + " " * 8 + "".join(f"{colour:>8}" for colour in PALETTE))
+    for colour, row in table.items():
+        print(f"  {colour:<8}" + "".join(f"{number:>8{number_format}}" for number in row.values()))
+
+
 def main(argv=None):
     from .. import HarmonProcessor
     from ..modeling import HarmonForConditionalGeneration
@@ -241,15 +247,11 @@ def main(argv=None):
     for measure, value in first_round_binding(scenes, draws).items():
         print(f"  {measure:<17} {value:.3f}")
     print("  colours drawn (rows: asked)")
-    print("  " + " " * 8 + "".join(f"{colour:>8}" for colour in PALETTE))
-    for asked, row in colour_confusion(scenes, draws).items():
-        print(f"  {asked:<8}" + "".join(f"{count:>8}" for count in row.values()))
+    print_colour_table(colour_confusion(scenes, draws), "d")
     separation = colour_separation(model)
     print(f"latent distance between colours (same shape, size and cell; an object from the empty cell: "
           f"{separation['object to empty']:.2f})")
-    print("  " + " " * 8 + "".join(f"{colour:>8}" for colour in PALETTE))
-    for colour, row in separation["colours"].items():
-        print(f"  {colour:<8}" + "".join(f"{distance:>8.2f}" for distance in row.values()))
+    print_colour_table(separation["colours"], ".2f")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 Pixels -> latents at 1/8 of the side with 8 channels; Harmon-Shapes groups them 2 x 2 into tokens (patch_size 2),
 so a token covers 16 px, as the released KL-16's do, and one token is one cell of the world's grid. Trained with
 L1 + L2 reconstruction losses (object pixels weighing more than the background) and a KL term, with the posterior's
-standard deviation fixed, on freshly rendered scenes of both splits (the autoencoder sees pixels only, never captions), then the latents' standard
-deviation sets the scale Harmon multiplies them by, as `vae_scale` does for the released KL-16.
+standard deviation fixed, on freshly rendered scenes of both splits (the autoencoder sees pixels only, never
+captions), then the latents' standard deviation sets the scale Harmon multiplies them by, as `vae_scale` does for
+the released KL-16.
 """
 
 import math
