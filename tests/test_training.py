@@ -263,6 +263,8 @@ def test_two_processes_with_accelerate_launch(harmon_folder, data, tmp_path):
          "ratios must add up to 1, got 0.8"),
         ({"learning_rates": {"mar_decoder": 1e-4}}, "neither frozen nor given a learning rate"),
         ({"data": [{"path": "x.parquet", "task": "captioning", "ratio": 1.0}]}, "task must be one of"),
+        ({"learning_rates": {**ALL_MODULES_LR, "proj_in": "fast"}}, "learning_rates.proj_in must be a positive number, "
+                                                                    "got 'fast'"),
     ],
 )
 def test_bad_recipes_are_refused(harmon_folder, tmp_path, change, message):
@@ -284,6 +286,19 @@ def test_cli_refuses_a_bad_override_in_one_line(harmon_folder, tmp_path):
     result = subprocess.run([sys.executable, "-m", "harmon_hf.cli", "train", "stage1", "trainng.max_steps=3"],
                             capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "unknown key(s) ['trainng']" in result.stderr
+
+
+def test_overrides_and_files_read_exponent_numbers_as_numbers(harmon_folder, tmp_path):
+    """`2e-4` is a string in YAML 1.1 (PyYAML); a recipe reads it as the number its writer meant."""
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump({"model": str(harmon_folder), "output_dir": str(tmp_path / "run"),
+                                           "learning_rates": ALL_MODULES_LR,
+                                           "data": [{"path": "x.parquet", "task": "text", "ratio": 1.0}]})
+                           + "weight_decay: 1e-2\n")
+    recipe = Recipe.load(recipe_file, ["learning_rates.mar_decoder=2e-4", "training.learning_rate=-3E+1"])
+    assert recipe.weight_decay == 0.01 and recipe.learning_rates["mar_decoder"] == 0.0002
+    assert recipe.training["learning_rate"] == -30.0
+    assert Recipe.load(recipe_file, ["output_dir=2e4x"]).output_dir == "2e4x"
 
 
 def test_bundled_recipes_carry_the_papers_settings():

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,17 @@ FORMATS = ("auto", "parquet", "json", "csv", "imagefolder", "webdataset", "harmo
 # embeddings of the language model, and the VAE is always frozen.
 MODULES = ("language_model", "mar_encoder", "mar_decoder", "diffusion_head", "proj_in", "proj_out")
 RECIPES_FOLDER = Path(__file__).parent / "recipes"
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML as people write learning rates: PyYAML follows YAML 1.1, where `2e-4` (no dot) is a string."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 @dataclass
@@ -78,6 +90,9 @@ class Recipe:
         if not self.data or not math.isclose(total, 1.0, abs_tol=1e-6):
             ratios = ", ".join(f"{s.path}: {s.ratio}" for s in self.data)
             raise ValueError(f"the data ratios must add up to 1, got {total:g} ({ratios})")
+        for module, rate in self.learning_rates.items():
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0:
+                raise ValueError(f"learning_rates.{module} must be a positive number, got {rate!r}")
         unknown = (set(self.learning_rates) | set(self.frozen)) - set(MODULES)
         if unknown:
             raise ValueError(f"unknown module(s) {sorted(unknown)} in learning_rates/frozen; modules are {MODULES}")
@@ -101,7 +116,7 @@ class Recipe:
             path = bundled
         if not path.is_file():
             raise ValueError(f"no such recipe: {path}")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.load(path.read_text(), Loader=RecipeLoader) or {}
         for override in overrides:
             apply_override(values, override)
         return from_dict(cls, values, where="recipe")
@@ -117,7 +132,7 @@ def apply_override(values: dict, override: str):
     for key in keys[:-1]:
         target = target[int(key)] if isinstance(target, list) else target.setdefault(key, {})
     last = keys[-1]
-    value = yaml.safe_load(text)
+    value = yaml.load(text, Loader=RecipeLoader)
     if isinstance(target, list):
         target[int(last)] = value
     else:
