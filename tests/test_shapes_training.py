@@ -15,6 +15,7 @@ from harmon_hf.shapes import diagnose, release
 from harmon_hf.shapes.diagnose import (FIRST_ROUND_MEASURES, PROMPT_PATH, RECALL_MEASURES, cell_index,
                                         colour_confusion, colour_separation, first_round_binding, first_round_draws,
                                         first_round_scenes, object_recall, prompt_influence)
+from harmon_hf.shapes.world import CELLS, IMAGE_SIZE
 from harmon_hf.training import Recipe
 
 STAGES = ("stage0_language", "stage1", "stage2", "stage3")
@@ -25,6 +26,16 @@ def harmon(*args):
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+@pytest.fixture(scope="module")
+def world_folder(harmon_folder, tmp_path_factory):
+    """The golden tiny model at the shapes world's image size, so that its tokens are the world's cells."""
+    folder = tmp_path_factory.mktemp("world-model") / "model"
+    shutil.copytree(harmon_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "image_size": IMAGE_SIZE}))
+    return folder
 
 
 def language_model_weights(folder):
@@ -96,12 +107,12 @@ def test_release_copies_the_model_with_a_card_of_its_scores(harmon_folder, tmp_p
     assert not (tmp_path / "too-big").exists()
 
 
-def test_prompt_influence_finds_where_the_prompt_is_lost(harmon_folder, capsys):
+def test_prompt_influence_finds_where_the_prompt_is_lost(world_folder, capsys):
     from harmon_hf import HarmonProcessor
     from harmon_hf.modeling import HarmonForConditionalGeneration
 
-    model = HarmonForConditionalGeneration.from_pretrained(harmon_folder).eval()
-    processor = HarmonProcessor.from_pretrained(harmon_folder)
+    model = HarmonForConditionalGeneration.from_pretrained(world_folder).eval()
+    processor = HarmonProcessor.from_pretrained(world_folder)
     influence = prompt_influence(model, processor, count=4)
     assert list(influence) == list(PROMPT_PATH) and all(value > 1e-3 for value in influence.values())
     # A proj_out that drops the LLM's output (only its bias is left): the prompt is lost at `projected`.
@@ -112,22 +123,24 @@ def test_prompt_influence_finds_where_the_prompt_is_lost(harmon_folder, capsys):
     assert deaf["projected"] == deaf["decoder_input"] == deaf["conditions"] == 0.0
     with pytest.raises(ValueError, match="count must be at least 2"):
         prompt_influence(model, processor, count=1)
-    diagnose.main([str(harmon_folder), "--count", "4", "--recall-count", "3"])
+    diagnose.main([str(world_folder), "--count", "4", "--recall-count", "3", "--answer-count", "5"])
     printed = capsys.readouterr().out
     assert all(f"{step} " in printed for step in PROMPT_PATH) and f"{influence['conditions']:.4f}" in printed
     assert all(f"  {measure} " in printed for measure in RECALL_MEASURES)
     assert all(f"  {measure} " in printed for measure in FIRST_ROUND_MEASURES)
     assert "latent distance between colours" in printed
+    assert "right answers by question type and kind of scene, about the image (5 training" in printed
+    assert "about its description, no image" in printed
 
 
-def test_object_recall_reads_what_the_head_draws_in_the_masked_cell(harmon_folder, monkeypatch):
+def test_object_recall_reads_what_the_head_draws_in_the_masked_cell(world_folder, monkeypatch):
     from harmon_hf import HarmonProcessor
     from harmon_hf.modeling import HarmonForConditionalGeneration
     from harmon_hf.shapes.vae import render_pixels
     from harmon_hf.shapes.world import Scene
 
-    model = HarmonForConditionalGeneration.from_pretrained(harmon_folder).eval()
-    processor = HarmonProcessor.from_pretrained(harmon_folder)
+    model = HarmonForConditionalGeneration.from_pretrained(world_folder).eval()
+    processor = HarmonProcessor.from_pretrained(world_folder)
     recall = object_recall(model, processor, count=6)
     assert list(recall) == list(RECALL_MEASURES) and all(0.0 <= value <= 1.0 for value in recall.values())
 
@@ -142,35 +155,35 @@ def test_object_recall_reads_what_the_head_draws_in_the_masked_cell(harmon_folde
     monkeypatch.setattr(model.model, "sample_tokens", lambda conditions, **kwargs: seen["truth"])
     assert object_recall(model, processor, count=6) == {"object": 1.0, "colour": 1.0, "shape": 1.0, "empty": 0.0}
     with torch.no_grad():
-        empty_scene = model.encode_images(render_pixels([Scene("single", ())], 64)).flatten(1, 2)[0]  # (16, c)
+        empty_scene = model.encode_images(render_pixels([Scene("single", ())], IMAGE_SIZE)).flatten(1, 2)[0]
     monkeypatch.setattr(model.model, "sample_tokens", lambda conditions, **kwargs: empty_scene[seen["cells"]])
     assert object_recall(model, processor, count=6) == {"object": 0.0, "colour": 0.0, "shape": 0.0, "empty": 1.0}
     with pytest.raises(ValueError, match="count must be at least 1"):
         object_recall(model, processor, count=0)
 
 
-def test_first_round_reads_every_cell_the_head_draws_with_all_tokens_masked(harmon_folder, monkeypatch):
+def test_first_round_reads_every_cell_the_head_draws_with_all_tokens_masked(world_folder, monkeypatch):
     from harmon_hf import HarmonProcessor
     from harmon_hf.modeling import HarmonForConditionalGeneration
     from harmon_hf.shapes.vae import render_pixels
     from harmon_hf.shapes.world import PALETTE, Scene
 
-    model = HarmonForConditionalGeneration.from_pretrained(harmon_folder).eval()
-    processor = HarmonProcessor.from_pretrained(harmon_folder)
+    model = HarmonForConditionalGeneration.from_pretrained(world_folder).eval()
+    processor = HarmonProcessor.from_pretrained(world_folder)
     scenes = first_round_scenes(6)
     draws = first_round_draws(model, processor, scenes)
-    assert len(draws) == 6 and all(len(cells) == 16 for cells in draws)
+    assert len(draws) == 6 and all(len(cells) == CELLS * CELLS for cells in draws)
     assert list(first_round_binding(scenes, draws)) == list(FIRST_ROUND_MEASURES)
 
     # A head that draws each scene's object token in its cell and the empty token elsewhere draws exactly its one
     # object in every image, in the asked colour.
     with torch.no_grad():
-        own = model.encode_images(render_pixels(scenes, 64)).flatten(1, 2)  # (6, 16, c)
-        empty = model.encode_images(render_pixels([Scene("single", ())] * 6, 64)).flatten(1, 2)
+        own = model.encode_images(render_pixels(scenes, IMAGE_SIZE)).flatten(1, 2)  # (6, cells, c)
+        empty = model.encode_images(render_pixels([Scene("single", ())] * 6, IMAGE_SIZE)).flatten(1, 2)
     cells = torch.tensor([cell_index(scene.objects[0]) for scene in scenes])
     truth = empty.clone()
     truth[torch.arange(6), cells] = own[torch.arange(6), cells]
-    truth, empty = truth.flatten(0, 1), empty.flatten(0, 1)  # (6 * 16, c), scene-major as the head samples them
+    truth, empty = truth.flatten(0, 1), empty.flatten(0, 1)  # (6 * cells, c), scene-major as the head samples them
     monkeypatch.setattr(model.model, "sample_tokens", lambda conditions, **kwargs: truth)
     draws = first_round_draws(model, processor, scenes)
     assert [sum(content is not None for content in cells) for cells in draws] == [1] * 6
@@ -189,11 +202,11 @@ def test_first_round_reads_every_cell_the_head_draws_with_all_tokens_masked(harm
         first_round_scenes(0)
 
 
-def test_colour_separation_measures_distances_between_latent_tokens(harmon_folder, monkeypatch):
+def test_colour_separation_measures_distances_between_latent_tokens(world_folder, monkeypatch):
     from harmon_hf.modeling import HarmonForConditionalGeneration
     from harmon_hf.shapes.world import PALETTE
 
-    model = HarmonForConditionalGeneration.from_pretrained(harmon_folder).eval()
+    model = HarmonForConditionalGeneration.from_pretrained(world_folder).eval()
     separation = colour_separation(model)
     table = separation["colours"]
     assert list(table) == list(PALETTE) and all(list(row) == list(PALETTE) for row in table.values())
@@ -210,3 +223,59 @@ def test_colour_separation_measures_distances_between_latent_tokens(harmon_folde
     doubled = colour_separation(model)
     assert doubled["object to empty"] == pytest.approx(2 * separation["object to empty"], rel=1e-4)
     assert doubled["colours"]["red"]["blue"] == pytest.approx(2 * table["red"]["blue"], rel=1e-4)
+
+
+def test_answers_by_scene_kind_asks_about_the_image_or_its_description(world_folder, monkeypatch):
+    from harmon_hf import HarmonProcessor
+    from harmon_hf.modeling import HarmonForConditionalGeneration
+    from harmon_hf.shapes.world import KINDS, QUESTION_TYPES
+
+    model = HarmonForConditionalGeneration.from_pretrained(world_folder).eval()
+    processor = HarmonProcessor.from_pretrained(world_folder)
+    table = diagnose.answers_by_scene_kind(model, processor, count=10)
+    assert list(table) == list(QUESTION_TYPES)
+    assert all(set(by_kind) <= set(KINDS) and all(0 <= v <= 1 for v in by_kind.values()) for by_kind in table.values())
+
+    asked = []
+
+    def always_yes(model, processor, questions, images=None):
+        asked.append((questions, images))
+        return ["yes"] * len(questions)
+
+    monkeypatch.setattr(diagnose, "answer_questions", always_yes)
+    for in_words in (False, True):
+        table = diagnose.answers_by_scene_kind(model, processor, count=60, in_words=in_words)
+        assert all(value == 0.0 for question_type, by_kind in table.items() if question_type != "yes/no"
+                   for value in by_kind.values())
+        assert 0 < sum(table["yes/no"].values()) / len(table["yes/no"]) < 1
+    (questions, images), (described, no_images) = asked[0], asked[-1]
+    assert len(images) == len(questions) and images[0].size == (IMAGE_SIZE, IMAGE_SIZE)
+    assert no_images is None and all(text.index(". ") < text.index("?") for text in described)
+
+
+def test_object_token_probe_reads_attributes_from_each_objects_token(world_folder, monkeypatch):
+    from harmon_hf.modeling import HarmonForConditionalGeneration
+    from harmon_hf.shapes.world import PALETTE, SHAPES, Scene
+
+    model = HarmonForConditionalGeneration.from_pretrained(world_folder).eval()
+    probe = diagnose.object_token_probe(model, count=40)
+    assert list(probe) == ["colour", "shape"] and all(0 <= value <= 1 for value in probe.values())
+
+    def features(scenes: list[Scene], attributes: bool):
+        """Tokens that hold each object's colour and shape one-hot in its cell (or, without `attributes`, only
+        that something is there)."""
+        tokens = torch.zeros(len(scenes), CELLS * CELLS, len(PALETTE) + len(SHAPES) + 1)
+        for row, scene in enumerate(scenes):
+            for obj in scene.objects:
+                tokens[row, cell_index(obj), -1] = 1.0
+                if attributes:
+                    tokens[row, cell_index(obj), list(PALETTE).index(obj.colour)] = 1.0
+                    tokens[row, cell_index(obj), len(PALETTE) + SHAPES.index(obj.shape)] = 1.0
+        return tokens
+
+    monkeypatch.setattr(diagnose, "render_pixels", lambda scenes, size: scenes)  # the "pixels" are the scenes
+    monkeypatch.setattr(model.model, "get_image_features", lambda scenes: features(scenes, attributes=True))
+    assert diagnose.object_token_probe(model, count=40) == {"colour": 1.0, "shape": 1.0}
+    monkeypatch.setattr(model.model, "get_image_features", lambda scenes: features(scenes, attributes=False))
+    blind = diagnose.object_token_probe(model, count=40)
+    assert blind["colour"] < 0.5 and blind["shape"] < 0.7

@@ -12,9 +12,10 @@ from PIL import Image
 from harmon_hf.shapes.cases import GENERATION_CATEGORIES, generation_cases, understanding_cases
 from harmon_hf.shapes.detector import Requirement, classify_shape, detect, satisfies
 from harmon_hf.shapes.vae import round_trip_score
-from harmon_hf.shapes.world import (HELD_OUT, KINDS, PALETTE, QUESTION_TYPES, SHAPES, Scene, ShapeObject,
-                                    all_combinations, caption, describe, is_held_out, language_conversation,
-                                    questions, render, sample_split_scene, shapes_dataset)
+from harmon_hf.shapes.world import (DEFAULT_REGION, HELD_OUT, IMAGE_SIZE, KINDS, PALETTE, QUESTION_TYPES,
+                                    REGION_PHRASES, REGIONS, SHAPES, SIZES, Scene, ShapeObject, all_combinations,
+                                    caption, cell_centre, describe, is_held_out, language_conversation, questions,
+                                    render, sample_split_scene, shapes_dataset)
 from harmon_hf.modeling.processing_harmon import GENERATION_INSTRUCTION
 
 
@@ -79,6 +80,23 @@ def test_world_covers_the_attributes_and_kinds():
     assert len({caption(scene, rng) for scene in scenes[:300]}) > 250  # varied phrasings
 
 
+def test_a_caption_settles_the_layout():
+    """Captions that say the same, up to sizes, describe objects of the same shapes in the same cells; a single
+    object whose place is unsaid is at the default place."""
+    rng = random.Random(6)
+    layouts = {}
+    for _ in range(3000):
+        scene = sample_split_scene(rng, "train")
+        text = caption(scene, rng)
+        key = " ".join(word for word in text.split() if word not in SIZES)
+        layout = tuple((obj.shape, obj.x, obj.y) for obj in scene.objects)
+        assert layouts.setdefault(key, layout) == layout, (text, layouts[key], layout)
+        if scene.kind == "single" and not any(phrase in text for phrases in REGION_PHRASES.values()
+                                              for phrase in phrases):
+            assert (scene.objects[0].x, scene.objects[0].y) == cell_centre(*REGIONS[DEFAULT_REGION]), text
+    assert len(layouts) > 500
+
+
 def test_questions_have_one_word_answers_that_are_true():
     scene = Scene("count", (ShapeObject("triangle", "green", 0.3, 0.3, "small"),
                             ShapeObject("triangle", "green", 0.7, 0.7, "small")))
@@ -97,7 +115,7 @@ def test_dataset_streams_reproducibly_with_conversations():
     again = list(shapes_dataset("train", seed=5, limit=4))
     assert [row["text"] for row in first] == [row["text"] for row in again]
     assert np.array_equal(np.asarray(first[0]["image"]), np.asarray(again[0]["image"]))
-    assert first[0]["image"].size == (64, 64)
+    assert first[0]["image"].size == (IMAGE_SIZE, IMAGE_SIZE)
     turns = first[0]["conversations"]
     assert turns[0]["from"] == "human" and turns[0]["value"].startswith("<image>\n") and turns[1]["from"] == "gpt"
     assert [row["language"] for row in first] == [row["language"] for row in again]

@@ -328,7 +328,7 @@ class HarmonDemo:
     def _generate_tab(self):
         with gr.Row():
             with gr.Column():
-                prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle to the left of a blue square",
+                prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle left of a blue square",
                                     elem_id="generate-prompt")
                 run, stop = _run_and_stop_buttons("generate", "Generate")
                 with gr.Row():
@@ -339,8 +339,8 @@ class HarmonDemo:
                                            elem_id="num-images")
                 settings = _sampling_settings("generate", self.diffusion_steps)
             gallery = gr.Gallery(label="Images", format="png", columns=2, object_fit="contain", elem_id="gallery")
-        gr.Examples([["a red circle to the left of a blue square"], ["a green triangle above a yellow square"],
-                     ["three purple stars on a white background"]], inputs=[prompt])
+        gr.Examples([["a red circle left of a blue square"], ["a green triangle above a yellow square"],
+                     ["three purple circles on a white background"]], inputs=[prompt])
         self._on_run("generate", [run.click, prompt.submit], stop, self.generate,
                      inputs=[prompt, height, width, num_images, *settings], outputs=[gallery, settings.seed],
                      show_progress_on=gallery)
@@ -367,11 +367,11 @@ class HarmonDemo:
                 editor = gr.ImageMask(type="pil", label="Image: paint over what to regenerate",
                                       sources=["upload", "clipboard"], layers=False, transforms=(),
                                       elem_id="inpaint-editor")
-                prompt = gr.Textbox(label="Prompt", placeholder="a purple star", elem_id="inpaint-prompt")
+                prompt = gr.Textbox(label="Prompt", placeholder="a purple triangle", elem_id="inpaint-prompt")
                 run, stop = _run_and_stop_buttons("inpaint", "Inpaint")
                 settings = _sampling_settings("inpaint", self.diffusion_steps)
             result = gr.Image(label="Result", format="png", interactive=False, height=420, elem_id="inpaint-result")
-        gr.Examples([[TWO_SHAPES, "a purple star"], [STACKED_SHAPES, "a red circle"]], inputs=[editor, prompt])
+        gr.Examples([[TWO_SHAPES, "a purple triangle"], [STACKED_SHAPES, "a red circle"]], inputs=[editor, prompt])
         self._on_run("inpaint", [run.click, prompt.submit], stop, self.inpaint, inputs=[editor, prompt, *settings],
                      outputs=[result, settings.seed], show_progress_on=result)
 

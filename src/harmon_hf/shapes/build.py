@@ -13,13 +13,12 @@ from transformers import PreTrainedTokenizerFast
 from ..modeling import HarmonConfig, HarmonForConditionalGeneration
 from ..modeling.processing_harmon import GENERATION_INSTRUCTION, IMAGE_TOKEN, UNCONDITIONAL_PROMPT
 from .vae import SHAPES_VAE, VAE_STEPS, round_trip_score, train_vae
-from .world import CELLS, corpus_texts
+from .world import CELLS, IMAGE_SIZE, corpus_texts
 
 
 # Qwen2.5's special tokens that Harmon's chat template uses, then the image placeholder.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]
 TOKENIZER_VOCAB_SIZE = 512
-IMAGE_SIZE = 64
 
 # A Qwen2 LLM, MAR and diffusion head sized for training on two CPU cores in minutes.
 SHAPES_TEXT_CONFIG = {
@@ -52,15 +51,15 @@ SHAPES_HARMON = {
     # Eight noise draws per token (the head is cheap next to the LLM) give the conditions a clearer gradient: in
     # 400-step runs the loss gap between the right and a shuffled prompt was 0.0031 with 8 against 0.0012 with 2.
     "diffusion_batch_mul": 8,
-    # Sampling reveals one token of the 16 per round, so the last ones are drawn with up to 15 visible: train on
-    # every visible count (MAR's ratio >= 0.7 never shows more than 4), still mostly on high ratios.
+    # Sampling reveals one token per round, so the last ones are drawn with all but one visible: train on every
+    # visible count (MAR's ratio >= 0.7 shows at most 30 % of the tokens), still mostly on high ratios.
     "mask_ratio_min": 0.0,
     "mask_ratio_std": 0.5,
     # The paper scales the understanding gradient into the MAR encoder by 0.1 to protect MAR's pretrained features;
     # this encoder starts from scratch, so understanding trains it fully.
     "visual_gradient_scale": 1.0,
     # An object token lay at a median distance of 11.8 from the empty cell's token (4.7 to 29 over the 36 objects
-    # and 16 cells; latents at unit standard deviation; 15.2 with today's autoencoder), so up to t ~ 945 of 1000 the
+    # and 16 cells of the 64 px world; latents at unit standard deviation), so up to t ~ 945 of 1000 the
     # noisy token alone shows, by more than one noise standard deviation, whether a cell holds an object. Only above
     # that do the conditions decide, and there epsilon's loss weighs an error in the clean latent by
     # alpha_bar / (1 - alpha_bar) < 0.0074, v's by more than 1. (v also reads the clean latent without epsilon's

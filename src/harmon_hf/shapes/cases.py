@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from PIL import Image
 
 from .detector import Requirement, detect, satisfies
-from .world import QUESTION_TYPES, REGION_PHRASES, Scene, describe, pick_question, render, sample_split_scene
+from .world import (IMAGE_SIZE, QUESTION_TYPES, REGION_PHRASES, Scene, describe, pick_question, render,
+                    sample_split_scene)
 
 
 # Category -> the kind of scene its prompts describe.
@@ -33,7 +34,7 @@ class UnderstandingCase:
     question: str
     answer: str
 
-    def image(self, size: int = 64) -> Image.Image:
+    def image(self, size: int = IMAGE_SIZE) -> Image.Image:
         return render(self.scene, size)
 
 
@@ -61,13 +62,15 @@ def generation_cases(count: int, seed: int = 0) -> list[GenerationCase]:
     ]
 
 
-def understanding_cases(count: int, seed: int = 0) -> list[UnderstandingCase]:
-    """`count` questions about held-out scenes, the question types taking turns."""
-    rng = random.Random(f"shapes-eval/understanding/{seed}")
+def understanding_cases(count: int, seed: int = 0, split: str = "heldout") -> list[UnderstandingCase]:
+    """`count` questions about scenes of `split` (ShapesEval's: the held-out one), the question types taking turns."""
+    # ShapesEval's held-out cases keep the seed they have always been drawn with, so its scores stay comparable.
+    name = f"shapes-eval/understanding/{seed}" if split == "heldout" else f"shapes-eval/understanding/{split}/{seed}"
+    rng = random.Random(name)
     cases = []
     while len(cases) < count:
         wanted = QUESTION_TYPES[len(cases) % len(QUESTION_TYPES)]
-        scene = sample_split_scene(rng, "heldout")
+        scene = sample_split_scene(rng, split)
         question_type, question, answer = pick_question(scene, rng)
         if question_type == wanted:
             cases.append(UnderstandingCase(question_type, scene, question, answer))

@@ -11,11 +11,17 @@ in the prompt, does the diffusion head draw that object from its conditions?
 `first_round_binding` asks the first step alone: with every token masked, what does the head draw in each cell, and
 are the drawn objects the colour and shape the prompt asks for? (`colour_confusion` tabulates the colours.)
 
+`answers_by_scene_kind` turns to understanding: the accuracy of answers per question type and kind of scene, about
+the image or, without one, about the scene's description. A question about one of two objects ("What colour is the
+circle?") is answered only by finding the object it names; a model that reads the image as one pooled object answers
+questions about single objects and fails these. `object_token_probe` asks whether the image features allow better:
+how well a linear read-out of each object's own token at the LLM's input tells its colour and shape.
+
 `colour_separation` looks below the model, at the autoencoder's latents: how far apart two colours of the same shape
 lie, next to how far an object lies from an empty cell. Colours close together there are the ones a diffusion head
 most easily draws in place of each other.
 
-    python -m harmon_hf.shapes.diagnose MODEL [--count 32] [--recall-count 200]
+    python -m harmon_hf.shapes.diagnose MODEL [--count 32] [--recall-count 200] [--answer-count 300]
 """
 
 import argparse
@@ -24,8 +30,11 @@ import random
 
 import torch
 
+from .cases import understanding_cases
+from .evaluate import answer_questions
 from .vae import render_pixels
-from .world import CELLS, PALETTE, SHAPES, SIZES, Scene, ShapeObject, caption, cell_centre, describe, sample_split_scene
+from .world import (CELLS, KINDS, PALETTE, QUESTION_TYPES, SHAPES, SIZES, Scene, ShapeObject, caption, cell_centre,
+                    describe, description_sentence, sample_split_scene)
 
 
 # What one cell of a single-object scene holds: nothing, or an object of one colour, shape and size.
@@ -136,7 +145,7 @@ def object_recall(model, processor, count: int = 200, seed: int = 0) -> dict[str
     side = one_token_per_cell(model)
     scenes = one_object_scenes(count, f"object-recall/{seed}")
     cells = torch.tensor([cell_index(scene.objects[0]) for scene in scenes])
-    tokens = model.encode_images(render_pixels(scenes, model.config.image_size)).flatten(1, 2)  # (count, 16, c)
+    tokens = model.encode_images(render_pixels(scenes, model.config.image_size)).flatten(1, 2)  # (count, tokens, c)
     mask = torch.nn.functional.one_hot(cells, side * side).float().to(model.device)
     prompts = [processor.apply_generation_template(describe(scene)) for scene in scenes]
     conditions = prompted_round(model, processor, prompts, tokens, mask).conditions
@@ -162,7 +171,7 @@ def first_round_draws(model, processor, scenes: list[Scene], seed: int = 0) -> l
     tokens = torch.zeros(count, num_tokens, model.config.token_channels, device=model.device)
     mask = torch.ones(count, num_tokens, device=model.device)
     prompts = [processor.apply_generation_template(describe(scene)) for scene in scenes]
-    conditions = prompted_round(model, processor, prompts, tokens, mask).conditions  # (count, 16, d)
+    conditions = prompted_round(model, processor, prompts, tokens, mask).conditions  # (count, tokens, d)
     sampled = model.model.sample_tokens(conditions.flatten(0, 1), generator=torch.Generator().manual_seed(seed))
     drawn = read_tokens(model, list(range(num_tokens)) * count, sampled)
     return [drawn[start : start + num_tokens] for start in range(0, len(drawn), num_tokens)]
@@ -213,6 +222,53 @@ def colour_separation(model) -> dict:
     return {"colours": table, "object to empty": torch.cat(object_to_empty).median().item()}
 
 
+def answers_by_scene_kind(model, processor, count: int = 300, seed: int = 0, in_words: bool = False,
+                          batch_size: int = 50) -> dict[str, dict[str, float]]:
+    """{question type: {scene kind: share of right answers}} to one question about each of `count` training scenes
+    (the question types taking turns): about the scene's image, or with `in_words` about its description, given
+    before the question as in the `language` conversations of the training data, without an image."""
+    asked = understanding_cases(count, seed, split="train")
+    correct = {question_type: {kind: [] for kind in KINDS} for question_type in QUESTION_TYPES}
+    for start in range(0, count, batch_size):
+        batch = asked[start : start + batch_size]
+        if in_words:
+            questions = [f"{description_sentence(case.scene)} {case.question}" for case in batch]
+            answers = answer_questions(model, processor, questions)
+        else:
+            answers = answer_questions(model, processor, [case.question for case in batch],
+                                       [case.image(model.config.image_size) for case in batch])
+        for case, given in zip(batch, answers):
+            correct[case.question_type][case.scene.kind].append(given == case.answer)
+    return {question_type: {kind: sum(results) / len(results) for kind, results in by_kind.items() if results}
+            for question_type, by_kind in correct.items()}
+
+
+@torch.no_grad()
+def object_token_probe(model, count: int = 600, seed: int = 0) -> dict[str, float]:
+    """{"colour", "shape": share read right}: a least-squares linear read-out of an object's attribute from its own
+    token of the LLM's image features, fitted on the objects of `count` two-object training scenes and tested on
+    those of another `count`. 1.0 means every object is told apart where it lies, so a model that answers about one
+    of two objects at chance does not lose it in the image features."""
+    one_token_per_cell(model)
+    rng = random.Random(f"object-token-probe/{seed}")
+    scenes = []
+    while len(scenes) < 2 * count:
+        scene = sample_split_scene(rng, "train")
+        if len(scene.objects) == 2 and scene.kind != "count":
+            scenes.append(scene)
+    features = model.model.get_image_features(render_pixels(scenes, model.config.image_size))  # (n, tokens, d)
+    rows = torch.stack([features[i, cell_index(obj)] for i, scene in enumerate(scenes) for obj in scene.objects])
+    rows = torch.cat([rows, torch.ones(len(rows), 1)], dim=1)  # a bias column
+    fitted = 2 * count  # the objects of the first `count` scenes
+    shares = {}
+    for attribute, values in (("colour", list(PALETTE)), ("shape", list(SHAPES))):
+        labels = torch.tensor([values.index(getattr(obj, attribute)) for scene in scenes for obj in scene.objects])
+        targets = torch.nn.functional.one_hot(labels, len(values)).float()
+        weights = torch.linalg.lstsq(rows[:fitted], targets[:fitted], driver="gelsd").solution
+        shares[attribute] = ((rows[fitted:] @ weights).argmax(dim=1) == labels[fitted:]).float().mean().item()
+    return shares
+
+
 def print_colour_table(table: dict[str, dict[str, float]], number_format: str):
     """A {colour: {colour: number}} table, a row per colour, under a header of the colours."""
     print("  " + " " * 8 + "".join(f"{colour:>8}" for colour in PALETTE))
@@ -229,6 +285,9 @@ def main(argv=None):
     parser.add_argument("--count", type=int, default=32, help="prompts to swap (default 32)")
     parser.add_argument("--recall-count", type=int, default=200,
                         help="scenes for object recall and for the first round (default 200)")
+    parser.add_argument("--answer-count", type=int, default=300,
+                        help="questions for the answers by question type and kind of scene, and two-object scenes "
+                             "for the token probe (default 300)")
     args = parser.parse_args(argv)
     model = HarmonForConditionalGeneration.from_pretrained(args.model).eval()
     processor = HarmonProcessor.from_pretrained(args.model)
@@ -248,6 +307,19 @@ def main(argv=None):
         print(f"  {measure:<17} {value:.3f}")
     print("  colours drawn (rows: asked)")
     print_colour_table(colour_confusion(scenes, draws), "d")
+    for in_words, about in ((False, "the image"), (True, "its description, no image")):
+        table = answers_by_scene_kind(model, processor, args.answer_count, in_words=in_words)
+        print(f"right answers by question type and kind of scene, about {about} ({args.answer_count} training "
+              "scenes):")
+        print("  " + " " * 9 + "".join(f"{kind:>10}" for kind in KINDS))
+        for question_type, by_kind in table.items():
+            print(f"  {question_type:<9}" + "".join(f"{by_kind[k]:>10.3f}" if k in by_kind else f"{'-':>10}"
+                                                    for k in KINDS))
+    probe = object_token_probe(model, args.answer_count)
+    print(f"an object's colour and shape read linearly from its own image token at the LLM's input "
+          f"({args.answer_count} two-object scenes fitted, as many tested):")
+    for attribute, value in probe.items():
+        print(f"  {attribute:<14} {value:.3f}")
     separation = colour_separation(model)
     print(f"latent distance between colours (same shape, size and cell; an object from the empty cell: "
           f"{separation['object to empty']:.2f})")

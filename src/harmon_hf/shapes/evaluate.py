@@ -44,24 +44,32 @@ def evaluate_generation(pipeline, count: int, seed: int = 0, batch_size: int = 2
 
 
 @torch.no_grad()
+def answer_questions(model, processor, questions: list[str], images: list | None = None) -> list[str]:
+    """Greedy, normalised answers to one question each: about its image, or in words alone when `images` is None."""
+    if images is None:
+        messages = [{"role": "user", "content": question} for question in questions]
+    else:
+        messages = [image_question(question) for question in questions]
+    texts = [processor.apply_chat_template([message], add_generation_prompt=True) for message in messages]
+    inputs = processor(text=texts, images=images).to(model.device)
+    output = model.generate(**inputs, max_new_tokens=8, do_sample=False,
+                            eos_token_id=answer_stop_ids(processor.tokenizer),
+                            pad_token_id=processor.tokenizer.pad_token_id)
+    return [normalise_answer(answer) for answer in processor.batch_decode(output[:, inputs["input_ids"].shape[1]:])]
+
+
 def evaluate_understanding(pipeline, count: int, seed: int = 0, batch_size: int = 50,
                            progress=None) -> dict[str, float]:
     """Answer one question about each held-out image, greedily; exact match with the one-word answer."""
     processor, model = pipeline.processor, pipeline.model
-    size = model.config.image_size
-    stop_ids = answer_stop_ids(processor.tokenizer)
     cases = understanding_cases(count, seed)
     correct = {question_type: [] for question_type in QUESTION_TYPES}
     for start in range(0, len(cases), batch_size):
         batch = cases[start : start + batch_size]
-        texts = [processor.apply_chat_template([image_question(case.question)], add_generation_prompt=True)
-                 for case in batch]
-        inputs = processor(text=texts, images=[case.image(size) for case in batch]).to(model.device)
-        output = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=stop_ids,
-                                pad_token_id=processor.tokenizer.pad_token_id)
-        answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:])
+        answers = answer_questions(model, processor, [case.question for case in batch],
+                                   [case.image(model.config.image_size) for case in batch])
         for case, answer in zip(batch, answers):
-            correct[case.question_type].append(normalise_answer(answer) == case.answer)
+            correct[case.question_type].append(answer == case.answer)
         if progress is not None:
             progress.update(len(batch))
     return _summary(correct)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import BUNDLED_MODEL
 from .cases import GENERATION_CATEGORIES
-from .world import HELD_OUT, QUESTION_TYPES
+from .world import CELLS, DEFAULT_REGION, HELD_OUT, IMAGE_SIZE, QUESTION_TYPES
 
 
 MAX_BUNDLED_BYTES = 25 * 2**20
@@ -61,9 +61,11 @@ tags: [harmon, mar, synthetic]
 # Harmon-Shapes
 
 A small Harmon (a Qwen2 LLM of 4 layers, MAR encoder and decoder, a diffusion head, and an 8-channel autoencoder at
-1/8 of the image side) trained from scratch by harmon-hf's own recipes on the synthetic shapes world, at 64 px. It
-draws and answers questions about one to three circles, squares and triangles in six colours. It ships inside the
-`harmon-hf` package as its default model, so that generating and asking work with no download.
+1/8 of the image side) trained from scratch by harmon-hf's own recipes on the synthetic shapes world, at
+{IMAGE_SIZE} px. It draws and answers questions about one to three circles, squares and triangles in six colours, on
+a grid of {CELLS} x {CELLS} cells where a caption settles the layout (a single object whose place is unsaid is in the
+{DEFAULT_REGION}). It ships inside the `harmon-hf` package as its default model, so that generating and asking work
+with no download.
 
 ## How it was made
 `bash training/recipes/shapes/build.sh` ({results['training_minutes']} minutes of training on a 2-core CPU):

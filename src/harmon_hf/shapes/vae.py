@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL
 
 from ..modeling.image_processing_harmon import HarmonImageProcessor
 from .cases import generation_cases
-from .world import BACKGROUND, Scene, render, sample_scene
+from .world import BACKGROUND, IMAGE_SIZE, Scene, render, sample_scene
 
 
 SHAPES_VAE = {
@@ -30,7 +30,7 @@ SHAPES_VAE = {
     "layers_per_block": 1,
     "latent_channels": 8,
     "norm_num_groups": 8,
-    "sample_size": 64,
+    "sample_size": IMAGE_SIZE,
     "mid_block_add_attention": False,
     "act_fn": "silu",
 }
@@ -60,8 +60,8 @@ def scene_batch(rng: random.Random, batch_size: int, size: int) -> torch.Tensor:
     return render_pixels([sample_scene(rng) for _ in range(batch_size)], size)
 
 
-def train_vae(steps: int = VAE_STEPS, batch_size: int = 8, learning_rate: float = 2e-3, size: int = 64, seed: int = 0,
-              log_every: int = 50) -> tuple[AutoencoderKL, float]:
+def train_vae(steps: int = VAE_STEPS, batch_size: int = 8, learning_rate: float = 2e-3, size: int = IMAGE_SIZE,
+              seed: int = 0, log_every: int = 50) -> tuple[AutoencoderKL, float]:
     """Train the autoencoder; returns it and the latent scale (1 / std of the latents' posterior means)."""
     torch.manual_seed(seed)
     rng = random.Random(f"shapes-vae/{seed}")
@@ -95,7 +95,7 @@ def train_vae(steps: int = VAE_STEPS, batch_size: int = 8, learning_rate: float 
 
 
 @torch.no_grad()
-def round_trip_score(vae: AutoencoderKL, num_scenes: int = 200, seed: int = 0, size: int = 64) -> float:
+def round_trip_score(vae: AutoencoderKL, num_scenes: int = 200, seed: int = 0, size: int = IMAGE_SIZE) -> float:
     """Share of ShapesEval's held-out scenes whose reconstruction (encode, posterior mode, decode) still passes the
     detector: the most a generator over these latents can score."""
     cases = generation_cases(num_scenes, seed=seed)
