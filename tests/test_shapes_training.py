@@ -82,6 +82,7 @@ def test_release_copies_the_model_with_a_card_of_its_scores(harmon_folder, tmp_p
     run = tmp_path / "run"
     shutil.copytree(harmon_folder, run / "stage3" / "final")
     (run / "training-seconds").write_text("2642")
+    (run / "cpu").write_text("AMD EPYC, AVX2 with 2 threads\n")
     for index, (file, _) in enumerate(release.EVALUATIONS.values()):
         scores = {"generation": {c: 0.5 for c in ("object", "colour", "count", "two objects", "position")},
                   "understanding": {t: 0.25 for t in ("colour", "shape", "count", "position", "yes/no")},
@@ -97,7 +98,7 @@ def test_release_copies_the_model_with_a_card_of_its_scores(harmon_folder, tmp_p
     assert refused.returncode == 1 and "below the targets" in refused.stderr and "--force" in refused.stderr
     destination = release.release(run, tmp_path / "bundled", force=True)
     card = (destination / "README.md").read_text()
-    assert "44.0 minutes" in card and "**0.400**" in card and "**0.800**" in card  # stage III with DPM-Solver
+    assert "44.0 minutes of training on a 2-core CPU,\nAMD EPYC, AVX2 with 2 threads" in card and "**0.400**" in card and "**0.800**" in card  # stage III with DPM-Solver
     assert "after stage I" in card and "after stage II" in card
     assert json.loads((destination / release.EVALUATION_FILE).read_text())["final"]["generation"]["overall"] == pytest.approx(0.3)
     assert (destination / "model.safetensors").is_file()
@@ -278,4 +279,93 @@ def test_object_token_probe_reads_attributes_from_each_objects_token(world_folde
     assert diagnose.object_token_probe(model, count=40) == {"colour": 1.0, "shape": 1.0}
     monkeypatch.setattr(model.model, "get_image_features", lambda scenes: features(scenes, attributes=False))
     blind = diagnose.object_token_probe(model, count=40)
+    assert blind["colour"] < 0.5 and blind["shape"] < 0.7
+
+
+def test_named_object_questions_name_the_object_in_the_named_cell():
+    from harmon_hf.shapes.world import questions
+
+    asked = diagnose.named_object_questions(100)
+    kinds = Counter()
+    for scene, question, named_cell, other_cell in asked:
+        by_cell = {cell_index(obj): obj for obj in scene.objects}
+        named, other = by_cell[named_cell], by_cell[other_cell]
+        assert named is not other
+        question_type, answer = {text: (kind, answer) for kind, text, answer in questions(scene)}[question]
+        assert answer == (named.colour if question_type == "colour" else named.shape)
+        kinds[question_type] += 1
+    assert set(kinds) == {"colour", "shape"} and min(kinds.values()) > 25
+
+
+def test_attention_to_named_object_reads_the_answer_positions_attention(world_folder, monkeypatch):
+    from types import SimpleNamespace
+
+    from harmon_hf import HarmonProcessor
+    from harmon_hf.modeling import HarmonForConditionalGeneration
+
+    model = HarmonForConditionalGeneration.from_pretrained(world_folder).eval()
+    processor = HarmonProcessor.from_pretrained(world_folder)
+    language_model = model.model.language_model
+    implementation = language_model.config._attn_implementation
+    layers = diagnose.attention_to_named_object(model, processor, count=6)
+    assert len(layers) == model.config.text_config.num_hidden_layers
+    assert all(0 <= layer["named"] and 0 <= layer["other"] and layer["named"] + layer["other"] <= 1 for layer in layers)
+    assert language_model.config._attn_implementation == implementation != "eager"  # put back for generating
+
+    # Every question names the object in cell 3, the other is in cell 5; questions of two lengths, so the prompts
+    # are padded. The fake LLM looks at the other object from every position but the answer's, where head 0 looks
+    # at the named object and head 1 at the first token.
+    questions = diagnose.named_object_questions(10)
+    questions = [(scene, question, 3, 5) for scene, question, _, _ in questions]
+    assert len({len(question) for _, question, _, _ in questions}) > 1
+    monkeypatch.setattr(diagnose, "named_object_questions", lambda count, seed=0: questions[:count])
+
+    def looking_llm(input_ids, attention_mask, output_attentions, **inputs):
+        attention = torch.zeros(len(input_ids), 2, input_ids.shape[1], input_ids.shape[1])
+        for row, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
+            placeholders = (ids == model.config.image_token_id).nonzero().flatten()
+            attention[row, :, :, placeholders[5]] = 1.0
+            answer = int(mask.nonzero().max())
+            attention[row, :, answer] = 0.0
+            attention[row, 0, answer, placeholders[3]] = 1.0
+            attention[row, 1, answer, 0] = 1.0
+        return SimpleNamespace(attentions=(attention, attention))
+
+    monkeypatch.setattr(model, "forward", looking_llm)
+    assert diagnose.attention_to_named_object(model, processor, count=10) == [
+        {"named": 0.5, "other": 0.0, "best head": 1.0}] * 2
+
+
+def test_named_attribute_probe_reads_what_the_question_names_at_the_answers_position(world_folder, monkeypatch):
+    from types import SimpleNamespace
+
+    from harmon_hf import HarmonProcessor
+    from harmon_hf.modeling import HarmonForConditionalGeneration
+    from harmon_hf.shapes.world import PALETTE, SHAPES
+
+    model = HarmonForConditionalGeneration.from_pretrained(world_folder).eval()
+    processor = HarmonProcessor.from_pretrained(world_folder)
+    layers = diagnose.named_attribute_probe(model, processor, count=20)
+    assert len(layers) == model.config.text_config.num_hidden_layers
+    assert all(set(layer) == {"colour", "shape"} and all(0 <= v <= 1 for v in layer.values()) for layer in layers)
+
+    # A fake LLM whose first layer's input is noise and whose second layer's input holds, at the answer's position
+    # only, the word the question names (one-hot over the colours and shapes); noise everywhere else.
+    words = [*PALETTE, *SHAPES]
+
+    def naming_llm(input_ids, attention_mask, output_hidden_states, **inputs):
+        generator = torch.Generator().manual_seed(int(input_ids.sum()))
+        noise = lambda: torch.randn(*input_ids.shape, len(words), generator=generator)
+        informative = noise()
+        for row, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
+            question = processor.tokenizer.decode(ids[mask.bool()]).split("?")[0]
+            named = [word for word in words if f" {word}" in question]
+            assert len(named) == 1, question
+            informative[row, int(mask.nonzero().max())] = torch.nn.functional.one_hot(
+                torch.tensor(words.index(named[0])), len(words)).float()
+        return SimpleNamespace(hidden_states=(noise(), informative, noise()))
+
+    monkeypatch.setattr(model, "forward", naming_llm)
+    blind, knowing = diagnose.named_attribute_probe(model, processor, count=40)
+    assert knowing == {"colour": 1.0, "shape": 1.0}
     assert blind["colour"] < 0.5 and blind["shape"] < 0.7

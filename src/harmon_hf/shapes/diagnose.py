@@ -16,6 +16,8 @@ the image or, without one, about the scene's description. A question about one o
 circle?") is answered only by finding the object it names; a model that reads the image as one pooled object answers
 questions about single objects and fails these. `object_token_probe` asks whether the image features allow better:
 how well a linear read-out of each object's own token at the LLM's input tells its colour and shape.
+`attention_to_named_object` asks where the LLM looks: per layer, how much of the answer position's attention falls
+on the token of the object a question names, and how much on the other object's.
 
 `colour_separation` looks below the model, at the autoencoder's latents: how far apart two colours of the same shape
 lie, next to how far an object lies from an empty cell. Colours close together there are the ones a diffusion head
@@ -30,11 +32,13 @@ import random
 
 import torch
 
+from ..cli import image_question
 from .cases import understanding_cases
 from .evaluate import answer_questions
 from .vae import render_pixels
 from .world import (CELLS, KINDS, PALETTE, QUESTION_TYPES, SHAPES, SIZES, Scene, ShapeObject, caption, cell_centre,
-                    describe, description_sentence, sample_split_scene)
+                    colour_question, describe, description_sentence, render, sample_split_scene,
+                    shape_question)
 
 
 # What one cell of a single-object scene holds: nothing, or an object of one colour, shape and size.
@@ -258,15 +262,108 @@ def object_token_probe(model, count: int = 600, seed: int = 0) -> dict[str, floa
             scenes.append(scene)
     features = model.model.get_image_features(render_pixels(scenes, model.config.image_size))  # (n, tokens, d)
     rows = torch.stack([features[i, cell_index(obj)] for i, scene in enumerate(scenes) for obj in scene.objects])
-    rows = torch.cat([rows, torch.ones(len(rows), 1)], dim=1)  # a bias column
-    fitted = 2 * count  # the objects of the first `count` scenes
-    shares = {}
-    for attribute, values in (("colour", list(PALETTE)), ("shape", list(SHAPES))):
-        labels = torch.tensor([values.index(getattr(obj, attribute)) for scene in scenes for obj in scene.objects])
-        targets = torch.nn.functional.one_hot(labels, len(values)).float()
-        weights = torch.linalg.lstsq(rows[:fitted], targets[:fitted], driver="gelsd").solution
-        shares[attribute] = ((rows[fitted:] @ weights).argmax(dim=1) == labels[fitted:]).float().mean().item()
-    return shares
+    objects = [obj for scene in scenes for obj in scene.objects]  # the first half: those of the first `count` scenes
+    return {attribute: linear_read_out(rows, [values.index(getattr(obj, attribute)) for obj in objects], len(values))
+            for attribute, values in (("colour", list(PALETTE)), ("shape", list(SHAPES)))}
+
+
+def linear_read_out(features: torch.Tensor, labels: list[int], classes: int) -> float:
+    """The share of the second half of `features` (n, d) whose label a least-squares linear read-out (with a bias)
+    fitted on the first half gets right."""
+    rows = torch.cat([features.float(), torch.ones(len(features), 1)], dim=1)
+    labels = torch.tensor(labels)
+    fitted = len(rows) // 2
+    targets = torch.nn.functional.one_hot(labels[:fitted], classes).float()
+    weights = torch.linalg.lstsq(rows[:fitted], targets, driver="gelsd").solution
+    return ((rows[fitted:] @ weights).argmax(dim=1) == labels[fitted:]).float().mean().item()
+
+
+def named_object_questions(count: int, seed: int = 0) -> list[tuple[Scene, str, int, int]]:
+    """`count` questions about one of two different objects of a training scene, "What colour is the circle?" or
+    "What shape is the red object?": (scene, question, the named object's cell, the other object's cell)."""
+    rng = random.Random(f"named-object/{seed}")
+    asked = []
+    while len(asked) < count:
+        scene = sample_split_scene(rng, "train", rng.choice(("pair", "relation")))
+        named, other = rng.sample(scene.objects, 2)
+        if rng.random() < 0.5 and named.shape != other.shape:
+            question = colour_question(named)
+        elif named.colour != other.colour:
+            question = shape_question(named)
+        else:
+            continue
+        asked.append((scene, question, cell_index(named), cell_index(other)))
+    return asked
+
+
+def named_object_inputs(model, processor, asked: list) -> tuple[dict, torch.Tensor]:
+    """The model's inputs for the questions of `named_object_questions`, each about its scene's image, and the
+    position of each one's answer (its prompt's last token) -> (inputs, positions (count,))."""
+    texts = [processor.apply_chat_template([image_question(question)], add_generation_prompt=True)
+             for _, question, _, _ in asked]
+    images = [render(scene, model.config.image_size) for scene, *_ in asked]
+    inputs = processor(text=texts, images=images).to(model.device)
+    mask = inputs["attention_mask"]
+    return inputs, mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)  # the last real token, whichever the padding
+
+
+@torch.no_grad()
+def named_attribute_probe(model, processor, count: int = 300, seed: int = 0, batch_size: int = 100) -> list[dict]:
+    """Per LLM layer, at its input: {"colour", "shape": share read right}: how well a linear read-out of the answer
+    position's hidden state tells what the question names: the shape in "What colour is the circle?", the colour in
+    "What shape is the red object?" (`linear_read_out`, about `count` questions of each kind fitted, as many
+    tested). Near 1.0 from some layer on, the answer's position knows which object to look for; the image features
+    (`object_token_probe`) are the other half of finding it."""
+    asked = named_object_questions(4 * count, seed)
+    states = []
+    for start in range(0, len(asked), batch_size):
+        inputs, answer_position = named_object_inputs(model, processor, asked[start : start + batch_size])
+        hidden = model(**inputs, output_hidden_states=True).hidden_states  # per layer input (b, seq, d)
+        states.append(torch.stack([layer[torch.arange(len(answer_position)), answer_position] for layer in hidden], 1))
+    states = torch.cat(states)  # (questions, layers + 1, d)
+    named = {}  # attribute -> (rows, labels): a colour question names a shape, a shape question a colour
+    for row, (scene, question, named_cell, _) in enumerate(asked):
+        obj = next(obj for obj in scene.objects if cell_index(obj) == named_cell)
+        attribute, values = ("shape", SHAPES) if question == colour_question(obj) else ("colour", list(PALETTE))
+        rows, labels = named.setdefault(attribute, ([], []))
+        rows.append(row)
+        labels.append(values.index(getattr(obj, attribute)))
+    classes = {"colour": len(PALETTE), "shape": len(SHAPES)}
+    return [{attribute: linear_read_out(states[rows, layer], labels, classes[attribute])
+             for attribute, (rows, labels) in sorted(named.items())}
+            for layer in range(states.shape[1] - 1)]  # the last hidden state is no layer's input
+
+
+@torch.no_grad()
+def attention_to_named_object(model, processor, count: int = 100, seed: int = 0) -> list[dict[str, float]]:
+    """Per LLM layer: {"named", "other": the attention from the answer's position (the last of the prompt) on the
+    named object's image token and on the other object's, averaged over heads and `count` questions of
+    `named_object_questions`; "best head": the largest named-minus-other any head gives}. A model that finds the
+    object a question names gives it clearly more than the other in some layer; one that reads the objects of the
+    image together splits its attention evenly between them."""
+    one_token_per_cell(model)
+    asked = named_object_questions(count, seed)
+    inputs, answer_position = named_object_inputs(model, processor, asked)
+    language_model = model.model.language_model
+    implementation = language_model.config._attn_implementation
+    language_model.set_attn_implementation("eager")  # the fused kernels do not return their attention weights
+    try:
+        attentions = model(**inputs, output_attentions=True).attentions  # per layer (count, heads, seq, seq)
+    finally:
+        language_model.set_attn_implementation(implementation)
+    # The image's placeholders hold the cells' tokens in row-major order, then the encoder's buffer.
+    placeholders = [row.nonzero().flatten() for row in inputs["input_ids"] == model.config.image_token_id]
+    named = torch.stack([places[named_cell] for places, (_, _, named_cell, _) in zip(placeholders, asked)])
+    other = torch.stack([places[other_cell] for places, (_, _, _, other_cell) in zip(placeholders, asked)])
+    rows = torch.arange(count)
+    layers = []
+    for attention in attentions:
+        from_answer = attention[rows, :, answer_position].float()  # (count, heads, seq)
+        on_named = from_answer[rows, :, named].mean(dim=0)  # (heads,)
+        on_other = from_answer[rows, :, other].mean(dim=0)
+        layers.append({"named": on_named.mean().item(), "other": on_other.mean().item(),
+                       "best head": (on_named - on_other).max().item()})
+    return layers
 
 
 def print_colour_table(table: dict[str, dict[str, float]], number_format: str):
@@ -315,6 +412,17 @@ def main(argv=None):
         for question_type, by_kind in table.items():
             print(f"  {question_type:<9}" + "".join(f"{by_kind[k]:>10.3f}" if k in by_kind else f"{'-':>10}"
                                                     for k in KINDS))
+    named = named_attribute_probe(model, processor, args.answer_count)
+    print(f"what a question about one of two objects names (its colour or shape), read linearly from the answer's "
+          f"position at each layer's input (about {args.answer_count} questions of each kind fitted, as many tested):")
+    for layer, shares in enumerate(named):
+        print(f"  layer {layer:<8} " + "  ".join(f"{attribute} {share:.3f}" for attribute, share in shares.items()))
+    layers = attention_to_named_object(model, processor, args.answer_count)
+    print(f"attention from the answer's position on the named and the other object's image token "
+          f"({args.answer_count} questions about one of two objects; mean over heads, and the best head's lead):")
+    for layer, shares in enumerate(layers):
+        print(f"  layer {layer:<8} named {shares['named']:.3f}  other {shares['other']:.3f}  "
+              f"best head {shares['best head']:+.3f}")
     probe = object_token_probe(model, args.answer_count)
     print(f"an object's colour and shape read linearly from its own image token at the LLM's input "
           f"({args.answer_count} two-object scenes fitted, as many tested):")

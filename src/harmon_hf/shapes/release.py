@@ -33,6 +33,7 @@ EVALUATION_FILE = "shapes_eval.json"
 def collect_results(run: Path) -> dict:
     results = {name: json.loads((run / file).read_text()) for name, (file, _) in EVALUATIONS.items()}
     results["training_minutes"] = round(int((run / "training-seconds").read_text()) / 60, 1)
+    results["training_cpu"] = (run / "cpu").read_text().strip()
     return results
 
 
@@ -68,7 +69,8 @@ a grid of {CELLS} x {CELLS} cells where a caption settles the layout (a single o
 with no download.
 
 ## How it was made
-`bash training/recipes/shapes/build.sh` ({results['training_minutes']} minutes of training on a 2-core CPU):
+`bash training/recipes/shapes/build.sh` ({results['training_minutes']} minutes of training on a 2-core CPU,
+{results['training_cpu']}):
 `harmon shapes init` (autoencoder and tokenizer), `harmon train shapes/stage0_language` (the LLM learns the
 world's captions and text-only conversations, standing in for the pretrained, instruction-tuned Qwen2.5), then the
 paper's three stages `shapes/stage1` (LLM frozen, image-to-text : text-to-image = 1 : 2), `shapes/stage2`

@@ -248,6 +248,16 @@ def caption(scene: Scene, rng: random.Random) -> str:
     return phrase
 
 
+def colour_question(obj: ShapeObject) -> str:
+    """The question that names `obj` by its shape and asks its colour."""
+    return f"What colour is the {obj.shape}?"
+
+
+def shape_question(obj: ShapeObject) -> str:
+    """The question that names `obj` by its colour and asks its shape."""
+    return f"What shape is the {obj.colour} object?"
+
+
 def questions(scene: Scene) -> list[tuple[str, str, str]]:
     """Every question the scene answers unambiguously: (type, question, one-word answer)."""
     asked = []
@@ -256,9 +266,9 @@ def questions(scene: Scene) -> list[tuple[str, str, str]]:
     colours = [obj.colour for obj in objects]
     for obj in objects:
         if shapes.count(obj.shape) == 1:
-            asked.append(("colour", f"What colour is the {obj.shape}?", obj.colour))
+            asked.append(("colour", colour_question(obj), obj.colour))
         if colours.count(obj.colour) == 1:
-            asked.append(("shape", f"What shape is the {obj.colour} object?", obj.shape))
+            asked.append(("shape", shape_question(obj), obj.shape))
     for shape in SHAPES:
         asked.append(("count", f"How many {plural(shape)} are there?", NUMBER_WORDS[shapes.count(shape)]))
     asked.append(("count", "How many shapes are there?", NUMBER_WORDS[len(objects)]))
