@@ -50,6 +50,8 @@ MATCHES = {
     "colour": lambda asked, drawn: drawn[0] == asked.colour,
     "shape": lambda asked, drawn: drawn[1] == asked.shape,
 }
+# An object's attributes a read-out tells apart, and their values.
+ATTRIBUTE_VALUES = {"colour": list(PALETTE), "shape": list(SHAPES)}
 FIRST_ROUND_MEASURES = ("objects per image", "object", "colour", "shape")
 # The steps from the LLM to the diffusion head, in order.
 PROMPT_PATH = ("llm_output", "projected", "decoder_input", "conditions")
@@ -264,7 +266,7 @@ def object_token_probe(model, count: int = 600, seed: int = 0) -> dict[str, floa
     rows = torch.stack([features[i, cell_index(obj)] for i, scene in enumerate(scenes) for obj in scene.objects])
     objects = [obj for scene in scenes for obj in scene.objects]  # the first half: those of the first `count` scenes
     return {attribute: linear_read_out(rows, [values.index(getattr(obj, attribute)) for obj in objects], len(values))
-            for attribute, values in (("colour", list(PALETTE)), ("shape", list(SHAPES)))}
+            for attribute, values in ATTRIBUTE_VALUES.items()}
 
 
 def linear_read_out(features: torch.Tensor, labels: list[int], classes: int) -> float:
@@ -324,12 +326,11 @@ def named_attribute_probe(model, processor, count: int = 300, seed: int = 0, bat
     named = {}  # attribute -> (rows, labels): a colour question names a shape, a shape question a colour
     for row, (scene, question, named_cell, _) in enumerate(asked):
         obj = next(obj for obj in scene.objects if cell_index(obj) == named_cell)
-        attribute, values = ("shape", SHAPES) if question == colour_question(obj) else ("colour", list(PALETTE))
+        attribute = "shape" if question == colour_question(obj) else "colour"
         rows, labels = named.setdefault(attribute, ([], []))
         rows.append(row)
-        labels.append(values.index(getattr(obj, attribute)))
-    classes = {"colour": len(PALETTE), "shape": len(SHAPES)}
-    return [{attribute: linear_read_out(states[rows, layer], labels, classes[attribute])
+        labels.append(ATTRIBUTE_VALUES[attribute].index(getattr(obj, attribute)))
+    return [{attribute: linear_read_out(states[rows, layer], labels, len(ATTRIBUTE_VALUES[attribute]))
              for attribute, (rows, labels) in sorted(named.items())}
             for layer in range(states.shape[1] - 1)]  # the last hidden state is no layer's input
 
