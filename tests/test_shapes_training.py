@@ -283,6 +283,33 @@ def test_object_token_probe_reads_attributes_from_each_objects_token(world_folde
     assert blind["colour"] < 0.5 and blind["shape"] < 0.7
 
 
+def test_object_token_mixing_measures_how_much_of_a_token_is_the_other_object(world_folder, monkeypatch):
+    from harmon_hf.modeling import HarmonForConditionalGeneration
+    from harmon_hf.shapes.world import PALETTE, SHAPES, Scene
+
+    model = HarmonForConditionalGeneration.from_pretrained(world_folder).eval()
+
+    def attributes(obj) -> torch.Tensor:
+        vector = torch.zeros(len(PALETTE) + len(SHAPES) + 1)
+        vector[list(PALETTE).index(obj.colour)] = vector[len(PALETTE) + SHAPES.index(obj.shape)] = 1.0
+        vector[-1] = 1.0
+        return vector
+
+    def features(scenes: list[Scene], mixing: float):
+        """Each object's token: its own colour and shape one-hot, plus `mixing` times the other object's."""
+        tokens = torch.zeros(len(scenes), CELLS * CELLS, len(PALETTE) + len(SHAPES) + 1)
+        for row, scene in enumerate(scenes):
+            first, second = scene.objects
+            tokens[row, cell_index(first)] = attributes(first) + mixing * attributes(second)
+            tokens[row, cell_index(second)] = attributes(second) + mixing * attributes(first)
+        return tokens
+
+    monkeypatch.setattr(diagnose, "render_pixels", lambda scenes, size: scenes)  # the "pixels" are the scenes
+    for mixing in (0.0, 0.5, 1.0):
+        monkeypatch.setattr(model.model, "get_image_features", lambda scenes: features(scenes, mixing))
+        assert diagnose.object_token_mixing(model, count=200) == pytest.approx(mixing, abs=1e-4)
+
+
 def test_named_object_questions_name_the_object_in_the_named_cell():
     from harmon_hf.shapes.world import questions
 
