@@ -15,9 +15,10 @@ are the drawn objects the colour and shape the prompt asks for? (`colour_confusi
 the image or, without one, about the scene's description. A question about one of two objects ("What colour is the
 circle?") is answered only by finding the object it names; a model that reads the image as one pooled object answers
 questions about single objects and fails these. `object_token_probe` asks whether the image features allow better:
-how well a linear read-out of each object's own token at the LLM's input tells its colour and shape.
-`attention_to_named_object` asks where the LLM looks: per layer, how much of the answer position's attention falls
-on the token of the object a question names, and how much on the other object's.
+how well a linear read-out of each object's own token at the LLM's input tells its colour and shape, and
+`object_token_mixing` how much of that token is the other object's. `attention_to_named_object` asks where the
+LLM looks: per layer, how much of the answer position's attention falls on the token of the object a question
+names, and how much on the other object's.
 
 `colour_separation` looks below the model, at the autoencoder's latents: how far apart two colours of the same shape
 lie, next to how far an object lies from an empty cell. Colours close together there are the ones a diffusion head
@@ -290,8 +291,8 @@ def object_token_mixing(model, count: int = 600, seed: int = 0) -> float:
     its own object's colour and shape, a part set by the other object's, and a constant, over the objects of `count`
     two-object training scenes; the other part's size (root mean square over the objects) over the own part's.
     0 is a token of its own object alone; 1 one that holds both alike, so that no attention can pick out the object a
-    question names by matching what it names (a small Qwen2 that learnt that from one token per object in 250
-    steps had not begun to after 400 with each token its own object plus 0.7 times the other)."""
+    question names by matching what it names (`python -m harmon_hf.shapes.lookup MODEL --one-token --mixing M`
+    measures how mixing slows an LLM's learning to)."""
     tokens, objects, others = two_object_tokens(model, count, seed, "object-token-mixing")
     own, other = attribute_one_hots(objects), attribute_one_hots(others)
     design = torch.cat([own, other, torch.ones(len(own), 1)], dim=1)

@@ -1,0 +1,156 @@
+"""Can an LLM of Harmon-Shapes' size learn to find the object a question names, and from what input?
+
+A fresh LLM of Harmon-Shapes' text configuration is trained on conversations about two different objects ("What
+colour is the square?", "What shape is the red object?"; colours and shapes all different, so every question needs
+the named object found), with the objects given either in words ("A red square and a blue circle.") or as one token
+each ("A <red_square> and a <blue_circle>.", the way an image gives them: one token per cell). `mixing` adds that
+share of the other object's token embedding to each object's, as an image encoder that mixes its tokens would. It
+prints, every `log_every` steps, the share of held-out answers whose first token is right: 0.5 is picking one of the
+two objects at random.
+
+    python -m harmon_hf.shapes.lookup MODEL_FOLDER [--one-token] [--mixing 0.0] [--steps 400] [--learning-rate 1e-3]
+
+MODEL_FOLDER gives the tokenizer and the chat template (a Harmon-Shapes folder, e.g. `harmon shapes init`'s).
+"""
+
+import argparse
+import copy
+import random
+import time
+
+import torch
+from transformers import AutoProcessor, Qwen2Config, Qwen2ForCausalLM
+
+from .build import SHAPES_TEXT_CONFIG
+from .world import PALETTE, SHAPES, Scene, colour_question, description_sentence, sample_scene, shape_question
+
+
+QUESTIONS_PER_CONVERSATION = 4
+OBJECT_TOKENS = {f"{colour} {shape}": f"<{colour}_{shape}>" for colour in PALETTE for shape in SHAPES}
+
+
+def distinct_pair(rng: random.Random) -> Scene:
+    """Two objects that differ in colour and in shape: every question about one of them needs it found."""
+    while True:
+        scene = sample_scene(rng, rng.choice(("pair", "relation")))
+        first, second = scene.objects
+        if first.colour != second.colour and first.shape != second.shape:
+            return scene
+
+
+def with_object_tokens(processor):
+    """A copy of `processor` whose tokenizer has one token per object (OBJECT_TOKENS)."""
+    processor = copy.deepcopy(processor)
+    processor.tokenizer.add_tokens(list(OBJECT_TOKENS.values()), special_tokens=True)
+    return processor
+
+
+def lookup_messages(scene: Scene, rng: random.Random, one_token: bool) -> list[dict]:
+    """The scene described (in words, or one token per object), then questions about one of its objects."""
+    if one_token:
+        first, second = (OBJECT_TOKENS[obj.name] for obj in scene.objects)
+        description = f"A {first} and a {second}."
+    else:
+        description = description_sentence(scene)
+    messages = []
+    for index in range(QUESTIONS_PER_CONVERSATION):
+        named = rng.choice(scene.objects)
+        question, answer = rng.choice([(colour_question(named), named.colour), (shape_question(named), named.shape)])
+        messages.append({"role": "user", "content": f"{description} {question}" if index == 0 else question})
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def lookup_batch(processor, rng: random.Random, size: int, one_token: bool) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask (right-padded) and labels (the answers only) of `size` conversations;
+    `processor` as `with_object_tokens` makes it."""
+    tokenizer = processor.tokenizer
+    rows = []
+    for _ in range(size):
+        input_ids, labels = [], []
+        for message in lookup_messages(distinct_pair(rng), rng, one_token):
+            ids = tokenizer(processor.apply_chat_template([message]), add_special_tokens=False)["input_ids"]
+            header = len(tokenizer(f"<|im_start|>{message['role']}\n", add_special_tokens=False)["input_ids"])
+            input_ids += ids
+            labels += [-100] * len(ids) if message["role"] == "user" else [-100] * header + ids[header:]
+        rows.append((input_ids, labels))
+    length = max(len(input_ids) for input_ids, _ in rows)
+    batch = {"input_ids": torch.full((size, length), tokenizer.pad_token_id),
+             "attention_mask": torch.zeros(size, length, dtype=torch.long), "labels": torch.full((size, length), -100)}
+    for row, (input_ids, labels) in enumerate(rows):
+        batch["input_ids"][row, : len(input_ids)] = torch.tensor(input_ids)
+        batch["attention_mask"][row, : len(input_ids)] = 1
+        batch["labels"][row, : len(labels)] = torch.tensor(labels)
+    return batch
+
+
+def mixed_embeddings(model, input_ids: torch.Tensor, object_token_ids: torch.Tensor, mixing: float) -> torch.Tensor:
+    """Token embeddings where each object token also holds `mixing` times the other object token of its row."""
+    embeddings = model.get_input_embeddings()(input_ids)
+    mixed = embeddings.clone()
+    for row in range(len(input_ids)):
+        positions = torch.isin(input_ids[row], object_token_ids).nonzero().flatten()
+        if len(positions) == 2:
+            first, second = positions
+            mixed[row, first] = embeddings[row, first] + mixing * embeddings[row, second]
+            mixed[row, second] = embeddings[row, second] + mixing * embeddings[row, first]
+    return mixed
+
+
+def first_answer_token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The share of answers whose first token is predicted right (the rest of a word follows from it)."""
+    predicted, targets = logits[:, :-1].argmax(dim=-1), labels[:, 1:]
+    first = (targets != -100) & (labels[:, :-1] == -100)
+    return (predicted[first] == targets[first]).float().mean().item()
+
+
+def train_lookup(processor, one_token: bool = False, mixing: float = 0.0, steps: int = 400,
+                 learning_rate: float = 1e-3, batch_size: int = 64, seed: int = 0,
+                 log_every: int = 100) -> list[tuple[int, float]]:
+    """Train a fresh LLM on lookup conversations (`processor` gives the tokenizer and chat template); returns
+    (step, held-out first-answer-token accuracy) every `log_every` steps."""
+    processor = with_object_tokens(processor)
+    object_token_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(OBJECT_TOKENS.values())))
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**{**SHAPES_TEXT_CONFIG, "vocab_size": len(processor.tokenizer)}))
+    # The paper's optimiser settings (harmon train's defaults), warmed up over the first 20 steps.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.02)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 20))
+    rng, held_out = random.Random(f"lookup/{seed}"), lookup_batch(processor, random.Random("lookup/held-out"), 256,
+                                                                     one_token)
+    history, start = [], time.time()
+    for step in range(1, steps + 1):
+        batch = lookup_batch(processor, rng, batch_size, one_token)
+        embeddings = mixed_embeddings(model, batch["input_ids"], object_token_ids, mixing)
+        loss = model(inputs_embeds=embeddings, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        warmup.step()
+        optimizer.zero_grad()
+        if step % log_every == 0:
+            with torch.no_grad():
+                embeddings = mixed_embeddings(model, held_out["input_ids"], object_token_ids, mixing)
+                logits = model(inputs_embeds=embeddings, attention_mask=held_out["attention_mask"]).logits
+            history.append((step, first_answer_token_accuracy(logits, held_out["labels"])))
+            print(f"step {step}: first answer token right {history[-1][1]:.3f} ({time.time() - start:.0f} s)",
+                  flush=True)
+    return history
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m harmon_hf.shapes.lookup", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="a Harmon-Shapes model folder (its tokenizer and chat template)")
+    parser.add_argument("--one-token", action="store_true", help="one token per object instead of words")
+    parser.add_argument("--mixing", type=float, default=0.0, help="share of the other object in each object token")
+    parser.add_argument("--steps", type=int, default=400, help="training steps of 64 conversations (400)")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW's learning rate (1e-3)")
+    args = parser.parse_args(argv)
+    if args.mixing and not args.one_token:
+        parser.error("--mixing mixes object tokens: it needs --one-token")
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    train_lookup(processor, args.one_token, args.mixing, args.steps, args.learning_rate)
+
+
+if __name__ == "__main__":
+    main()
