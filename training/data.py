@@ -108,6 +108,19 @@ def check_source(source: DataSource):
 # -- turning rows into samples ---------------------------------------------------------------------------------------
 
 
+def chat_ids(processor, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of the conversation in the chat template; labels on the assistant turns only."""
+    input_ids, labels = [], []
+    for message in messages:
+        rendered = processor.apply_chat_template([message])
+        header = f"<|im_start|>{message['role']}\n"
+        header_ids = processor.tokenizer(header, add_special_tokens=False)["input_ids"]
+        body_ids = processor.tokenizer(rendered[len(header):], add_special_tokens=False)["input_ids"]
+        input_ids += header_ids + body_ids
+        labels += [-100] * len(header_ids) + (body_ids if message["role"] == "assistant" else [-100] * len(body_ids))
+    return input_ids, labels
+
+
 class SampleBuilder:
     """Turns a raw row of one source into a training sample of its task (token ids, labels, pixels)."""
 
@@ -206,15 +219,7 @@ class SampleBuilder:
         return messages
 
     def _chat_ids(self, messages: list[dict]) -> tuple[list[int], list[int]]:
-        """Token ids of the conversation in the chat template; labels on the assistant turns only."""
-        input_ids, labels = [], []
-        for message in messages:
-            rendered = self.processor.apply_chat_template([message])
-            header = f"<|im_start|>{message['role']}\n"
-            header_ids = self.tokenizer(header, add_special_tokens=False)["input_ids"]
-            body_ids = self.tokenizer(rendered[len(header):], add_special_tokens=False)["input_ids"]
-            input_ids += header_ids + body_ids
-            labels += [-100] * len(header_ids) + (body_ids if message["role"] == "assistant" else [-100] * len(body_ids))
+        input_ids, labels = chat_ids(self.processor, messages)
         if sum(label != -100 for label in labels) > self.recipe.max_text_tokens:
             raise BadSample(f"over-long text: more than {self.recipe.max_text_tokens} tokens")
         return input_ids, labels

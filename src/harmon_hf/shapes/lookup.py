@@ -21,6 +21,7 @@ import time
 import torch
 from transformers import AutoProcessor, Qwen2Config, Qwen2ForCausalLM
 
+from ..training.data import HarmonDataCollator, chat_ids
 from .build import SHAPES_TEXT_CONFIG
 from .world import PALETTE, SHAPES, Scene, colour_question, description_sentence, sample_scene, shape_question
 
@@ -64,24 +65,13 @@ def lookup_messages(scene: Scene, rng: random.Random, one_token: bool) -> list[d
 def lookup_batch(processor, rng: random.Random, size: int, one_token: bool) -> dict[str, torch.Tensor]:
     """input_ids, attention_mask (right-padded) and labels (the answers only) of `size` conversations;
     `processor` as `with_object_tokens` makes it."""
-    tokenizer = processor.tokenizer
-    rows = []
+    samples = []
     for _ in range(size):
-        input_ids, labels = [], []
-        for message in lookup_messages(distinct_pair(rng), rng, one_token):
-            ids = tokenizer(processor.apply_chat_template([message]), add_special_tokens=False)["input_ids"]
-            header = len(tokenizer(f"<|im_start|>{message['role']}\n", add_special_tokens=False)["input_ids"])
-            input_ids += ids
-            labels += [-100] * len(ids) if message["role"] == "user" else [-100] * header + ids[header:]
-        rows.append((input_ids, labels))
-    length = max(len(input_ids) for input_ids, _ in rows)
-    batch = {"input_ids": torch.full((size, length), tokenizer.pad_token_id),
-             "attention_mask": torch.zeros(size, length, dtype=torch.long), "labels": torch.full((size, length), -100)}
-    for row, (input_ids, labels) in enumerate(rows):
-        batch["input_ids"][row, : len(input_ids)] = torch.tensor(input_ids)
-        batch["attention_mask"][row, : len(input_ids)] = 1
-        batch["labels"][row, : len(labels)] = torch.tensor(labels)
-    return batch
+        input_ids, labels = chat_ids(processor, lookup_messages(distinct_pair(rng), rng, one_token))
+        samples.append({"task": "text", "input_ids": input_ids, "labels": labels, "image": b"", "skipped_before": []})
+    collator = HarmonDataCollator(processor.tokenizer.pad_token_id, processor.image_processor,
+                                  processor.image_processor.image_size)
+    return collator(samples)["text"]
 
 
 def mixed_embeddings(model, input_ids: torch.Tensor, object_token_ids: torch.Tensor, mixing: float) -> torch.Tensor:
