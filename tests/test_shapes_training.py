@@ -245,14 +245,15 @@ def test_answers_by_scene_kind_asks_about_the_image_or_its_description(world_fol
         return ["yes"] * len(questions)
 
     monkeypatch.setattr(diagnose, "answer_questions", always_yes)
-    for in_words in (False, True):
-        table = diagnose.answers_by_scene_kind(model, processor, count=60, in_words=in_words)
+    for about in ("image", "words", "cells"):
+        table = diagnose.answers_by_scene_kind(model, processor, count=60, about=about)
         assert all(value == 0.0 for question_type, by_kind in table.items() if question_type != "yes/no"
                    for value in by_kind.values())
         assert 0 < sum(table["yes/no"].values()) / len(table["yes/no"]) < 1
-    (questions, images), (described, no_images) = asked[0], asked[-1]
+    (questions, images), (described, no_images), (in_cells, no_cell_images) = asked[0], asked[2], asked[-1]
     assert len(images) == len(questions) and images[0].size == (IMAGE_SIZE, IMAGE_SIZE)
     assert no_images is None and all(text.index(". ") < text.index("?") for text in described)
+    assert no_cell_images is None and all(text.count("<") == CELLS * CELLS for text in in_cells)
 
 
 def test_object_token_probe_reads_attributes_from_each_objects_token(world_folder, monkeypatch):

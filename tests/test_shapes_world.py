@@ -14,8 +14,8 @@ from harmon_hf.shapes.detector import Requirement, classify_shape, detect, satis
 from harmon_hf.shapes.vae import round_trip_score
 from harmon_hf.shapes.world import (DEFAULT_REGION, HELD_OUT, IMAGE_SIZE, KINDS, PALETTE, QUESTION_TYPES,
                                     REGION_PHRASES, REGIONS, SHAPES, SIZES, Scene, ShapeObject, all_combinations,
-                                    caption, cell_centre, describe, is_held_out, language_conversation, questions,
-                                    render, sample_split_scene, shapes_dataset)
+                                    caption, cell_centre, cells_conversation, describe, is_held_out,
+                                    language_conversation, questions, render, sample_split_scene, shapes_dataset)
 from harmon_hf.modeling.processing_harmon import GENERATION_INSTRUCTION
 
 
@@ -119,7 +119,7 @@ def test_dataset_streams_reproducibly_with_conversations():
     turns = first[0]["conversations"]
     assert turns[0]["from"] == "human" and turns[0]["value"].startswith("<image>\n") and turns[1]["from"] == "gpt"
     assert [row["language"] for row in first] == [row["language"] for row in again]
-    assert all("<image>" not in turn["value"] for row in first for turn in row["language"])
+    assert all("<image>" not in turn["value"] for row in first for turn in row["language"] + row["cells"])
     with pytest.raises(ValueError, match="split must be"):
         shapes_dataset("validation")
 
@@ -143,6 +143,23 @@ def test_language_conversations_restate_requests_or_answer_from_a_description():
             assert [truth[question] for question in asked] == [turn["value"] for turn in turns[1::2]]
             kinds["questions"] += 1
     assert kinds["request"] >= 10 and kinds["questions"] >= 10
+
+
+def test_cells_conversations_ask_the_images_questions_about_one_token_per_cell():
+    from harmon_hf.shapes.build import make_tokenizer
+
+    scene = Scene("relation", (ShapeObject("circle", "red", *cell_centre(0, 1), "big"),
+                               ShapeObject("square", "blue", *cell_centre(2, 1), "small")), relation="left of")
+    cells = "<empty>" * 3 + "<red_circle><empty><blue_square>" + "<empty>" * 3  # rows top to bottom
+    truth = {question: answer for _, question, answer in questions(scene)}
+    for seed in range(10):
+        turns = cells_conversation(scene, random.Random(seed))
+        assert turns[0]["value"].startswith(cells + "\n")
+        asked = [turns[0]["value"][len(cells) + 1:]] + [turn["value"] for turn in turns[2::2]]
+        assert [truth[question] for question in asked] == [turn["value"] for turn in turns[1::2]]
+    tokenizer = make_tokenizer()
+    ids = tokenizer(cells, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 9 and tokenizer.convert_ids_to_tokens(ids[3:6]) == ["<red_circle>", "<empty>", "<blue_square>"]
 
 
 class _IdentityAutoencoder:

@@ -13,11 +13,12 @@ from transformers import PreTrainedTokenizerFast
 from ..modeling import HarmonConfig, HarmonForConditionalGeneration
 from ..modeling.processing_harmon import GENERATION_INSTRUCTION, IMAGE_TOKEN, UNCONDITIONAL_PROMPT
 from .vae import SHAPES_VAE, VAE_STEPS, round_trip_score, train_vae
-from .world import CELLS, IMAGE_SIZE, corpus_texts
+from .world import CELL_TOKENS, CELLS, IMAGE_SIZE, corpus_texts
 
 
-# Qwen2.5's special tokens that Harmon's chat template uses, then the image placeholder.
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]
+# Qwen2.5's special tokens that Harmon's chat template uses, the image placeholder, then the tokens of a scene in
+# cells (the language stage's).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN, *CELL_TOKENS]
 TOKENIZER_VOCAB_SIZE = 512
 
 # A Qwen2 LLM, MAR and diffusion head sized for training on two CPU cores in minutes.

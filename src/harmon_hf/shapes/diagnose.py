@@ -38,8 +38,8 @@ from .cases import understanding_cases
 from .evaluate import answer_questions
 from .vae import render_pixels
 from .world import (CELLS, KINDS, PALETTE, QUESTION_TYPES, SHAPES, SIZES, Scene, ShapeObject, caption, cell_centre,
-                    colour_question, describe, description_sentence, render, sample_split_scene,
-                    shape_question)
+                    cell_description, cell_index, colour_question, describe, description_sentence, render,
+                    sample_split_scene, shape_question)
 
 
 # What one cell of a single-object scene holds: nothing, or an object of one colour, shape and size.
@@ -114,11 +114,6 @@ def one_token_per_cell(model) -> int:
         raise ValueError(f"these diagnostics need one token per cell of the world's {CELLS} x {CELLS} grid; this "
                          f"model has {side} x {side} tokens")
     return side
-
-
-def cell_index(obj: ShapeObject) -> int:
-    """The object's token in the row-major token sequence of a CELLS x CELLS grid."""
-    return int(obj.y * CELLS) * CELLS + int(obj.x * CELLS)
 
 
 def cell_prototypes(model, cell: int) -> torch.Tensor:
@@ -229,21 +224,26 @@ def colour_separation(model) -> dict:
     return {"colours": table, "object to empty": torch.cat(object_to_empty).median().item()}
 
 
-def answers_by_scene_kind(model, processor, count: int = 300, seed: int = 0, in_words: bool = False,
+# What a question in `answers_by_scene_kind` comes with: the scene's image, or text before the question (as in the
+# training data's `language` and `cells` conversations), without an image.
+SCENE_TEXTS = {"words": lambda scene: f"{description_sentence(scene)} ",
+               "cells": lambda scene: f"{cell_description(scene)}\n"}
+
+
+def answers_by_scene_kind(model, processor, count: int = 300, seed: int = 0, about: str = "image",
                           batch_size: int = 50) -> dict[str, dict[str, float]]:
     """{question type: {scene kind: share of right answers}} to one question about each of `count` training scenes
-    (the question types taking turns): about the scene's image, or with `in_words` about its description, given
-    before the question as in the `language` conversations of the training data, without an image."""
+    (the question types taking turns), about the scene's `image` or given as text, in `words` or `cells`."""
     asked = understanding_cases(count, seed, split="train")
     correct = {question_type: {kind: [] for kind in KINDS} for question_type in QUESTION_TYPES}
     for start in range(0, count, batch_size):
         batch = asked[start : start + batch_size]
-        if in_words:
-            questions = [f"{description_sentence(case.scene)} {case.question}" for case in batch]
-            answers = answer_questions(model, processor, questions)
-        else:
+        if about == "image":
             answers = answer_questions(model, processor, [case.question for case in batch],
                                        [case.image(model.config.image_size) for case in batch])
+        else:
+            answers = answer_questions(model, processor,
+                                       [SCENE_TEXTS[about](case.scene) + case.question for case in batch])
         for case, given in zip(batch, answers):
             correct[case.question_type][case.scene.kind].append(given == case.answer)
     return {question_type: {kind: sum(results) / len(results) for kind, results in by_kind.items() if results}
@@ -442,9 +442,10 @@ def main(argv=None):
         print(f"  {measure:<17} {value:.3f}")
     print("  colours drawn (rows: asked)")
     print_colour_table(colour_confusion(scenes, draws), "d")
-    for in_words, about in ((False, "the image"), (True, "its description, no image")):
-        table = answers_by_scene_kind(model, processor, args.answer_count, in_words=in_words)
-        print(f"right answers by question type and kind of scene, about {about} ({args.answer_count} training "
+    for about, what in (("image", "the image"), ("words", "its description, no image"),
+                        ("cells", "its cells in tokens, no image")):
+        table = answers_by_scene_kind(model, processor, args.answer_count, about=about)
+        print(f"right answers by question type and kind of scene, about {what} ({args.answer_count} training "
               "scenes):")
         print("  " + " " * 9 + "".join(f"{kind:>10}" for kind in KINDS))
         for question_type, by_kind in table.items():

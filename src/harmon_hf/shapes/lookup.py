@@ -14,7 +14,6 @@ MODEL_FOLDER gives the tokenizer and the chat template (a Harmon-Shapes folder, 
 """
 
 import argparse
-import copy
 import random
 import time
 
@@ -23,11 +22,10 @@ from transformers import AutoProcessor, Qwen2Config, Qwen2ForCausalLM
 
 from ..training.data import HarmonDataCollator, chat_ids
 from .build import SHAPES_TEXT_CONFIG
-from .world import PALETTE, SHAPES, Scene, colour_question, description_sentence, sample_scene, shape_question
+from .world import OBJECT_TOKENS, Scene, colour_question, description_sentence, sample_scene, shape_question
 
 
 QUESTIONS_PER_CONVERSATION = 4
-OBJECT_TOKENS = {f"{colour} {shape}": f"<{colour}_{shape}>" for colour in PALETTE for shape in SHAPES}
 
 
 def distinct_pair(rng: random.Random) -> Scene:
@@ -37,13 +35,6 @@ def distinct_pair(rng: random.Random) -> Scene:
         first, second = scene.objects
         if first.colour != second.colour and first.shape != second.shape:
             return scene
-
-
-def with_object_tokens(processor):
-    """A copy of `processor` whose tokenizer has one token per object (OBJECT_TOKENS)."""
-    processor = copy.deepcopy(processor)
-    processor.tokenizer.add_tokens(list(OBJECT_TOKENS.values()), special_tokens=True)
-    return processor
 
 
 def lookup_messages(scene: Scene, rng: random.Random, one_token: bool) -> list[dict]:
@@ -63,8 +54,7 @@ def lookup_messages(scene: Scene, rng: random.Random, one_token: bool) -> list[d
 
 
 def lookup_batch(processor, rng: random.Random, size: int, one_token: bool) -> dict[str, torch.Tensor]:
-    """input_ids, attention_mask (right-padded) and labels (the answers only) of `size` conversations;
-    `processor` as `with_object_tokens` makes it."""
+    """input_ids, attention_mask (right-padded) and labels (the answers only) of `size` conversations."""
     samples = []
     for _ in range(size):
         input_ids, labels = chat_ids(processor, lookup_messages(distinct_pair(rng), rng, one_token))
@@ -99,7 +89,6 @@ def train_lookup(processor, one_token: bool = False, mixing: float = 0.0, steps:
                  log_every: int = 100) -> list[tuple[int, float]]:
     """Train a fresh LLM on lookup conversations (`processor` gives the tokenizer and chat template); returns
     (step, held-out first-answer-token accuracy) every `log_every` steps."""
-    processor = with_object_tokens(processor)
     object_token_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(OBJECT_TOKENS.values())))
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(Qwen2Config(**{**SHAPES_TEXT_CONFIG, "vocab_size": len(processor.tokenizer)}))

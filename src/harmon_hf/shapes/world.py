@@ -325,6 +325,33 @@ def description_sentence(scene: Scene) -> str:
     return f"{describe(scene, region_phrase=region_phrase).capitalize()}."
 
 
+# A scene in one token per cell, in the order of the image's tokens (rows top to bottom, each left to right), as an
+# image gives it to the LLM: the empty cell's token or the object's, which names its colour and shape.
+EMPTY_CELL_TOKEN = "<empty>"
+OBJECT_TOKENS = {f"{colour} {shape}": f"<{colour}_{shape}>" for colour in PALETTE for shape in SHAPES}
+CELL_TOKENS = (EMPTY_CELL_TOKEN, *OBJECT_TOKENS.values())
+
+
+def cell_index(obj: ShapeObject) -> int:
+    """The object's token in the row-major token sequence of the CELLS x CELLS grid."""
+    return int(obj.y * CELLS) * CELLS + int(obj.x * CELLS)
+
+
+def cell_description(scene: Scene) -> str:
+    cells = [EMPTY_CELL_TOKEN] * (CELLS * CELLS)
+    for obj in scene.objects:
+        cells[cell_index(obj)] = OBJECT_TOKENS[obj.name]
+    return "".join(cells)
+
+
+def cells_conversation(scene: Scene, rng: random.Random) -> list[dict]:
+    """The image's questions about the scene in cell tokens, where the image would be: the language pre-training's
+    stand-in for what a pretrained LLM brings to stage I, the skill of answering from one token per object (finding
+    the object a question names), which this LLM does not learn from words in its budget (`harmon_hf.shapes.lookup`).
+    Stage I then aligns each cell's image features to what the LLM can already read."""
+    return question_turns(scene, rng, opening=cell_description(scene) + "\n")
+
+
 def language_conversation(scene: Scene, rng: random.Random) -> list[dict]:
     """The world's instructions without an image, for the language pre-training that stands in for the paper's
     instruction-tuned Qwen2.5: a generation request restated (so the positions after a request carry what it asks
@@ -342,14 +369,15 @@ def _rows(split: str, seed: "int | str", size: int, limit: int | None):
     while limit is None or index < limit:
         scene = sample_split_scene(rng, split)
         yield {"image": render(scene, size), "text": caption(scene, rng), "conversations": conversation(scene, rng),
-               "language": language_conversation(scene, rng), "kind": scene.kind}
+               "language": language_conversation(scene, rng), "cells": cells_conversation(scene, rng),
+               "kind": scene.kind}
         index += 1
 
 
 def shapes_dataset(split: str = "train", seed: "int | str" = 0, size: int = IMAGE_SIZE, limit: int | None = None):
     """The shapes world as a streamed `datasets.IterableDataset` (endless unless `limit`): an image, a caption
-    (`text`), a conversation of questions about it (`conversations`), one in words alone (`language`) and the
-    scene's kind."""
+    (`text`), a conversation of questions about it (`conversations`), one in words alone (`language`), the image's
+    questions about the scene in cell tokens (`cells`) and the scene's kind."""
     check_split(split)  # now: the rows are generated lazily
     if size < 32:
         raise ValueError(f"size must be at least 32 pixels, got {size}")
