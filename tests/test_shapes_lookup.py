@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+from transformers import Qwen2Config
 
 from harmon_hf import processor_for
 from harmon_hf.shapes import lookup
@@ -19,23 +20,24 @@ def processor():
     return processor_for(shapes_config(tokenizer, vae_scale=1.0), tokenizer)
 
 
-@pytest.mark.parametrize("one_token", [False, True])
-def test_lookup_batches_ask_about_one_of_two_objects_and_label_only_the_answers(processor, one_token):
-    batch = lookup_batch(processor, random.Random(7), 16, one_token)
+@pytest.mark.parametrize("objects", ["words", "tokens", "cells"])
+def test_lookup_batches_ask_about_one_of_two_objects_and_label_only_the_answers(processor, objects):
+    batch = lookup_batch(processor, random.Random(7), 16, objects)
     rng = random.Random(7)  # the same draws again, to know each row's scene and messages
     for row in range(16):
         scene = distinct_pair(rng)
-        messages = lookup_messages(scene, rng, one_token)
+        messages = lookup_messages(scene, rng, objects)
         first, second = scene.objects
         assert first.colour != second.colour and first.shape != second.shape
         truth = {}
         for obj in scene.objects:
             truth[colour_question(obj)], truth[shape_question(obj)] = obj.colour, obj.shape
-        asked = [message["content"].split(". ")[-1] for message in messages[::2]]
+        asked = [message["content"].split("\n")[-1].split(". ")[-1] for message in messages[::2]]
         assert [truth[question] for question in asked] == [message["content"] for message in messages[1::2]]
         text = processor.tokenizer.decode(batch["input_ids"][row][batch["attention_mask"][row] == 1])
-        assert (OBJECT_TOKENS[first.name] in text) == one_token
-        assert (f" {first.colour} {first.shape}" in text) != one_token
+        assert (OBJECT_TOKENS[first.name] in text) == (objects != "words")
+        assert (f" {first.colour} {first.shape}" in text) == (objects == "words")
+        assert ("<empty>" in text) == (objects == "cells")
         labelled = processor.tokenizer.decode(batch["labels"][row][batch["labels"][row] != -100])
         assert labelled == "".join(f"{message['content']}<|im_end|>\n" for message in messages[1::2])
 
@@ -60,9 +62,13 @@ def test_first_answer_token_accuracy_scores_the_first_token_of_each_answer():
     assert first_answer_token_accuracy(logits, labels) == 0.5
 
 
-def test_lookup_training_runs_and_the_command_checks_its_options(processor, capsys):
-    history = train_lookup(processor, one_token=True, mixing=0.5, steps=2, batch_size=4, log_every=1)
+def test_lookup_training_runs_and_the_command_checks_its_options(processor, capsys, monkeypatch):
+    configs = []
+    monkeypatch.setattr(lookup, "Qwen2Config", lambda **values: configs.append(values) or Qwen2Config(**values))
+    history = train_lookup(processor, objects="cells", mixing=0.5, attention_heads=4, key_value_heads=2, steps=2,
+                           batch_size=4, log_every=1)
     assert [step for step, _ in history] == [1, 2] and all(0 <= accuracy <= 1 for _, accuracy in history)
+    assert configs[0]["num_attention_heads"] == 4 and configs[0]["num_key_value_heads"] == 2
     with pytest.raises(SystemExit):
         lookup.main(["model-folder", "--mixing", "0.5"])
-    assert "--mixing mixes object tokens: it needs --one-token" in capsys.readouterr().err
+    assert "--mixing mixes object tokens: it needs --objects tokens or cells" in capsys.readouterr().err

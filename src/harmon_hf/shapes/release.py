@@ -61,7 +61,7 @@ tags: [harmon, mar, synthetic]
 ---
 # Harmon-Shapes
 
-A small Harmon (a Qwen2 LLM of 4 layers, MAR encoder and decoder, a diffusion head, and an 8-channel autoencoder at
+A small Harmon (a Qwen2 LLM of 4 layers and 8 attention heads, MAR encoder and decoder, a diffusion head, and an 8-channel autoencoder at
 1/8 of the image side) trained from scratch by harmon-hf's own recipes on the synthetic shapes world, at
 {IMAGE_SIZE} px. It draws and answers questions about one to three circles, squares and triangles in six colours, on
 a grid of {CELLS} x {CELLS} cells where a caption settles the layout (a single object whose place is unsaid is in the
@@ -72,7 +72,8 @@ with no download.
 `bash training/recipes/shapes/build.sh` ({results['training_minutes']} minutes of training on a 2-core CPU,
 {results['training_cpu']}):
 `harmon shapes init` (autoencoder and tokenizer), `harmon train shapes/stage0_language` (the LLM learns the
-world's captions and text-only conversations, standing in for the pretrained, instruction-tuned Qwen2.5), then the
+world's captions, text-only conversations, and the image's questions answered from the scene given as one token per
+cell, standing in for the pretrained, instruction-tuned Qwen2.5), then the
 paper's three stages `shapes/stage1` (LLM frozen, image-to-text : text-to-image = 1 : 2), `shapes/stage2`
 (everything, text : image-to-text : text-to-image = 1 : 3 : 8) and `shapes/stage3` (a fifth of the learning rates,
 1 : 3 : 16). Training never sees these held-out combinations (single object, count, or pair of objects): {held_out}.
