@@ -12,9 +12,9 @@ from PIL import Image
 from harmon_hf.shapes.cases import GENERATION_CATEGORIES, generation_cases, understanding_cases
 from harmon_hf.shapes.detector import Requirement, classify_shape, detect, satisfies
 from harmon_hf.shapes.vae import round_trip_score
-from harmon_hf.shapes.world import (DEFAULT_REGION, HELD_OUT, IMAGE_SIZE, KINDS, PALETTE, QUESTION_TYPES,
-                                    REGION_PHRASES, REGIONS, SHAPES, SIZES, Scene, ShapeObject, all_combinations,
-                                    caption, cell_centre, cells_conversation, describe, is_held_out,
+from harmon_hf.shapes.world import (CELLS_QUESTIONS, DEFAULT_REGION, HELD_OUT, IMAGE_SIZE, KINDS, PALETTE,
+                                    QUESTION_TYPES, REGION_PHRASES, REGIONS, SHAPES, SIZES, Scene, ShapeObject,
+                                    all_combinations, caption, cell_centre, cells_conversation, describe, is_held_out,
                                     language_conversation, questions, render, sample_split_scene, shapes_dataset)
 from harmon_hf.modeling.processing_harmon import GENERATION_INSTRUCTION
 
@@ -151,12 +151,21 @@ def test_cells_conversations_ask_the_images_questions_about_one_token_per_cell()
     scene = Scene("relation", (ShapeObject("circle", "red", *cell_centre(0, 1), "big"),
                                ShapeObject("square", "blue", *cell_centre(2, 1), "small")), relation="left of")
     cells = "<empty>" * 3 + "<red_circle><empty><blue_square>" + "<empty>" * 3  # rows top to bottom
-    truth = {question: answer for _, question, answer in questions(scene)}
+    truth = {question: (question_type, answer) for question_type, question, answer in questions(scene)}
+    asked_types = Counter()
     for seed in range(10):
         turns = cells_conversation(scene, random.Random(seed))
-        assert turns[0]["value"].startswith(cells + "\n")
+        assert turns[0]["value"].startswith(cells + "\n") and len(turns) == 2 * CELLS_QUESTIONS
         asked = [turns[0]["value"][len(cells) + 1:]] + [turn["value"] for turn in turns[2::2]]
-        assert [truth[question] for question in asked] == [turn["value"] for turn in turns[1::2]]
+        assert [truth[question][1] for question in asked] == [turn["value"] for turn in turns[1::2]]
+        asked_types.update(truth[question][0] for question in asked)
+    # About two objects, only what needs the named one found: "What colour is the circle?", "Where is the red
+    # circle relative to the blue square?"
+    assert set(asked_types) == {"colour", "shape", "position"}
+    single = Scene("single", (ShapeObject("circle", "red", *cell_centre(1, 1), "big"),), region="centre")
+    asked_types = Counter(question.split()[0] for seed in range(10)
+                          for question in (turn["value"] for turn in cells_conversation(single, random.Random(seed))[::2]))
+    assert {"How", "Is"} <= set(asked_types)  # about one object, the image conversations' questions
     tokenizer = make_tokenizer()
     ids = tokenizer(cells, add_special_tokens=False)["input_ids"]
     assert len(ids) == 9 and tokenizer.convert_ids_to_tokens(ids[3:6]) == ["<red_circle>", "<empty>", "<blue_square>"]

@@ -27,7 +27,8 @@ HarmonImageProcessor.register_for_auto_class("AutoImageProcessor")
 HarmonProcessor.register_for_auto_class("AutoProcessor")
 
 
-# The small model trained by this project's own recipe, shipped inside the package once it exists.
+# Harmon-Shapes, the small model trained by this project's own recipe (`training/recipes/shapes/build.sh`),
+# shipped inside the package as the default model.
 BUNDLED_MODEL = Path(__file__).parent / "models" / "harmon-shapes"
 
 

@@ -1,0 +1,996 @@
+"""Harmon: unified image understanding and generation through one MAR encoder shared with a Qwen2.5 LLM.
+
+Understanding: the whole image's latent tokens go through the MAR encoder; projected to the LLM width, the features
+replace the `<image>` placeholders of the prompt and the LLM answers by next-token prediction.
+
+Generation: the MAR encoder sees the latent tokens generated so far; its features pass through the LLM after the
+prompt and come back as a residual; the MAR decoder turns them into one condition per token, and a small diffusion
+MLP samples the still-masked tokens. K rounds of this reveal all tokens, which the VAE decodes to pixels.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.versions import require_version
+
+from .configuration_harmon import HarmonConfig
+from .scheduling_harmon import HarmonDiffusionScheduler
+
+
+# This file also runs as Hub remote code, outside the package's requirements, and before 5.24 the language model
+# silently ignores the `cache` argument this code passes.
+require_version("transformers>=5.24", "Harmon's modeling code needs it: pip install -U 'transformers>=5.24'")
+
+
+# MAR's mask ratio in text-to-image training: a normal centred on "all masked" (its spread and lower end are in
+# the config).
+MASK_RATIO_MEAN = 1.0
+# Pixel values farther than this outside [-1, 1] are taken for unnormalised input (e.g. 0..255).
+PIXEL_RANGE_TOLERANCE = 0.5
+# The release's sampling defaults; the diffusion steps per round are `config.num_inference_steps`.
+DEFAULT_NUM_ITER = 64
+DEFAULT_GUIDANCE_SCALE = 3.0
+# Upper bound on the diffusion head's precomputed modulations during sampling (elements; 64 MB in float32).
+MODULATION_BUFFER_ELEMENTS = 16 * 2**20
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MAR encoder and decoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class HarmonMARAttention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, attention_dropout: float, hidden_dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.attention_dropout = attention_dropout
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.proj_dropout = nn.Dropout(hidden_dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, length, width = hidden_states.shape
+        # (b, n, 3d) -> 3 x (b, heads, n, d / heads)
+        query, key, value = (
+            self.qkv(hidden_states).reshape(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        )
+        attended = F.scaled_dot_product_attention(
+            query, key, value, dropout_p=self.attention_dropout if self.training else 0.0
+        )
+        return self.proj_dropout(self.proj(attended.transpose(1, 2).reshape(batch, length, width)))
+
+
+class HarmonMARMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(F.gelu(self.fc1(hidden_states)))))
+
+
+class HarmonMARBlock(GradientCheckpointingLayer):
+    """Pre-norm ViT block."""
+
+    def __init__(self, config: HarmonConfig, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.attn = HarmonMARAttention(hidden_size, num_heads, config.attention_dropout, config.hidden_dropout)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.mlp = HarmonMARMLP(hidden_size, int(hidden_size * config.mlp_ratio), config.hidden_dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(self.norm1(hidden_states))
+        return hidden_states + self.mlp(self.norm2(hidden_states))
+
+
+def resize_grid_embedding(embedding: torch.Tensor, base_grid_size: int, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resize a (1, base*base, d) raster-order embedding to (1, h*w, d)."""
+    height, width = grid_size
+    if (height, width) == (base_grid_size, base_grid_size):
+        return embedding
+    grid = embedding.reshape(1, base_grid_size, base_grid_size, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, height * width, -1)
+
+
+def buffered_position_embedding(
+    embedding: torch.Tensor, buffer_size: int, base_grid_size: int, grid_size: tuple[int, int]
+) -> torch.Tensor:
+    """A (1, buffer_size + base², d) embedding for an h x w grid: the buffer part as is, the image part resized."""
+    buffer_part, image_part = embedding.split([buffer_size, base_grid_size**2], dim=1)
+    return torch.cat([buffer_part, resize_grid_embedding(image_part, base_grid_size, grid_size)], dim=1)
+
+
+def visible_positions(mask: torch.Tensor, buffer_size: int) -> torch.Tensor:
+    """(b, buffer_size + L) booleans: the buffer slots and the unmasked image tokens."""
+    return torch.cat([mask.new_zeros(mask.shape[0], buffer_size), mask], dim=1) == 0
+
+
+class HarmonMARStack(nn.Module):
+    """The transformer blocks and final norm shared by the MAR encoder and decoder."""
+
+    def __init__(self, config: HarmonConfig, hidden_size: int, num_layers: int, num_heads: int):
+        super().__init__()
+        self.layers = nn.ModuleList([HarmonMARBlock(config, hidden_size, num_heads) for _ in range(num_layers)])
+        self.norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        return self.norm(hidden_states)
+
+
+class HarmonMAREncoder(nn.Module):
+    """Embeds the visible latent tokens, behind `buffer_size` learned buffer slots."""
+
+    def __init__(self, config: HarmonConfig):
+        super().__init__()
+        width = config.encoder_hidden_size
+        self.buffer_size = config.buffer_size
+        self.base_grid_size = config.base_grid_size
+        self.token_proj = nn.Linear(config.token_channels, width)
+        self.buffer_embedding = nn.Parameter(torch.zeros(1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.buffer_size + config.base_grid_size**2, width))
+        self.token_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.stack = HarmonMARStack(
+            config, width, config.encoder_num_hidden_layers, config.encoder_num_attention_heads
+        )
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        """tokens (b, h*w, c), mask (b, h*w) with 1 = masked -> (b, buffer_size + visible, d), buffers first.
+
+        Every row must have the same number of masked tokens.
+        """
+        batch = tokens.shape[0]
+        embeddings = self.token_proj(tokens.to(self.token_proj.weight.dtype))
+        buffers = self.buffer_embedding.expand(batch, self.buffer_size, -1)
+        position = buffered_position_embedding(self.pos_embed, self.buffer_size, self.base_grid_size, grid_size)
+        embeddings = self.token_norm(torch.cat([buffers, embeddings], dim=1) + position)
+        visible = embeddings[visible_positions(mask, self.buffer_size)].reshape(batch, -1, embeddings.shape[-1])
+        return self.stack(visible)
+
+
+class HarmonMARDecoder(nn.Module):
+    """Fills the masked positions with a learned token and gives one condition vector per image token."""
+
+    def __init__(self, config: HarmonConfig):
+        super().__init__()
+        width = config.decoder_hidden_size
+        self.buffer_size = config.buffer_size
+        self.base_grid_size = config.base_grid_size
+        self.embed = nn.Linear(config.encoder_hidden_size, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.buffer_size + config.base_grid_size**2, width))
+        self.stack = HarmonMARStack(
+            config, width, config.decoder_num_hidden_layers, config.decoder_num_attention_heads
+        )
+        self.diffusion_pos_embed = nn.Parameter(torch.zeros(1, config.base_grid_size**2, width))
+
+    def forward(self, encoded: torch.Tensor, mask: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        """encoded (b, buffer_size + visible, d_enc), mask (b, h*w) -> conditions (b, h*w, d_dec)."""
+        batch, length = mask.shape
+        embedded = self.embed(encoded)
+        full = self.mask_token.to(embedded.dtype).expand(batch, self.buffer_size + length, -1).clone()
+        full[visible_positions(mask, self.buffer_size)] = embedded.reshape(-1, embedded.shape[-1])
+        full = full + buffered_position_embedding(self.pos_embed, self.buffer_size, self.base_grid_size, grid_size)
+        hidden_states = self.stack(full)[:, self.buffer_size :]
+        return hidden_states + resize_grid_embedding(self.diffusion_pos_embed, self.base_grid_size, grid_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Diffusion head
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def modulate(hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return hidden_states * (1 + scale) + shift
+
+
+class HarmonDiffusionResBlock(GradientCheckpointingLayer):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+        self.modulation = nn.Linear(width, 3 * width)
+
+    def forward(self, hidden_states: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        """modulation: this block's `self.modulation(SiLU(conditioning))`, (n, 3 * width)."""
+        shift, scale, gate = modulation.chunk(3, dim=-1)
+        update = self.fc2(F.silu(self.fc1(modulate(self.norm(hidden_states), shift, scale))))
+        return hidden_states + gate * update
+
+
+class HarmonDiffusionFinalLayer(nn.Module):
+    def __init__(self, width: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Linear(width, 2 * width)
+        self.linear = nn.Linear(width, out_channels)
+
+    def forward(self, hidden_states: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        shift, scale = modulation.chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(hidden_states), shift, scale))
+
+
+class HarmonDiffusionHead(nn.Module):
+    """MAR's per-token denoiser (an MLP with adaptive LayerNorm): for each noisy token, predicts epsilon (or v, see
+    `diffusion_prediction_type`) and the value that sets its variance between the posterior's and beta.
+
+    The adaptive-norm modulations depend on the timestep and the condition only, not on the noisy token, so a
+    sampler can compute them for many steps in one batch (`modulations`) and run only `denoise` per step.
+    """
+
+    def __init__(self, config: HarmonConfig):
+        super().__init__()
+        width = config.diffusion_head_hidden_size
+        self.token_channels = config.token_channels
+        self.input_proj = nn.Linear(config.token_channels, width)
+        self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embed = TimestepEmbedding(256, width)
+        self.cond_embed = nn.Linear(config.decoder_hidden_size, width)
+        self.res_blocks = nn.ModuleList(
+            [HarmonDiffusionResBlock(width) for _ in range(config.diffusion_head_num_layers)]
+        )
+        self.final_layer = HarmonDiffusionFinalLayer(width, 2 * config.token_channels)
+
+    @property
+    def modulation_width(self) -> int:
+        return sum(block.modulation.out_features for block in self.res_blocks) + self.final_layer.modulation.out_features
+
+    def embed_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """timesteps (...) of the original process -> (..., width)."""
+        return self.time_embed(self.time_proj(timesteps.flatten()).to(self.input_proj.weight.dtype)).reshape(
+            *timesteps.shape, -1
+        )
+
+    def embed_conditions(self, condition: torch.Tensor) -> torch.Tensor:
+        return self.cond_embed(condition.to(self.input_proj.weight.dtype))
+
+    def modulations(self, conditioning: torch.Tensor) -> list[torch.Tensor]:
+        """conditioning (..., width) = time + condition embedding -> one modulation tensor per block and the final layer."""
+        activated = F.silu(conditioning)
+        return [block.modulation(activated) for block in self.res_blocks] + [self.final_layer.modulation(activated)]
+
+    def denoise(self, noisy: torch.Tensor, modulations: list[torch.Tensor]) -> torch.Tensor:
+        """noisy (n, c) -> (n, 2c) under precomputed modulations (each (n, k * width))."""
+        hidden_states = self.input_proj(noisy.to(self.input_proj.weight.dtype))
+        for block, modulation in zip(self.res_blocks, modulations):
+            hidden_states = block(hidden_states, modulation)
+        return self.final_layer(hidden_states, modulations[-1])
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """noisy (n, c), timesteps (n,) of the original process, condition (n, d_dec) -> (n, 2c)."""
+        conditioning = self.embed_timesteps(timesteps) + self.embed_conditions(condition)
+        return self.denoise(noisy, self.modulations(conditioning))
+
+    def denoise_with_guidance(self, noisy, modulations, guidance_scale: float) -> torch.Tensor:
+        """Classifier-free guidance over a batch of conditional rows then unconditional rows.
+
+        Both halves are evaluated on the conditional half's tokens; the guided prediction (epsilon or v, both linear
+        in the clean latent for a given noisy token) is used for both halves while each keeps its own variance.
+        """
+        if guidance_scale == 1.0:
+            return self.denoise(noisy, modulations)
+        conditional = noisy[: len(noisy) // 2]
+        output = self.denoise(torch.cat([conditional, conditional]), modulations)
+        prediction, variance_value = output.split(self.token_channels, dim=-1)
+        prediction_cond, prediction_uncond = prediction.chunk(2)
+        guided = prediction_uncond + guidance_scale * (prediction_cond - prediction_uncond)
+        return torch.cat([torch.cat([guided, guided]), variance_value], dim=-1)
+
+    def forward_with_guidance(self, noisy, timesteps, condition, guidance_scale: float) -> torch.Tensor:
+        conditioning = self.embed_timesteps(timesteps) + self.embed_conditions(condition)
+        return self.denoise_with_guidance(noisy, self.modulations(conditioning), guidance_scale)
+
+
+class HarmonProjector(nn.Module):
+    def __init__(self, in_features: int, out_features: int, hidden_features: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, hidden_features)
+        self.linear_2 = nn.Linear(hidden_features, out_features)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(hidden_states)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def num_masked_after_round(round_index: int, num_rounds: int, num_tokens: int, num_masked_now: int) -> int:
+    """Tokens still masked after round `round_index` (cosine schedule), always leaving one to the last round."""
+    if round_index >= num_rounds - 1:
+        return 0
+    scheduled = math.floor(num_tokens * math.cos(math.pi / 2.0 * (round_index + 1) / num_rounds))
+    return int(max(1, min(num_masked_now - 1, scheduled)))
+
+
+GUIDANCE_SCHEDULES = ("constant", "linear")
+
+
+def guidance_scale_at(guidance_scale: float, schedule: str, num_masked_next: int, num_tokens: int) -> float:
+    """The round's guidance: constant, or growing linearly with the share of tokens generated (Muse)."""
+    if schedule == "linear":
+        return 1.0 + (guidance_scale - 1.0) * (num_tokens - num_masked_next) / num_tokens
+    return guidance_scale
+
+
+def scale_gradient(tensor: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity in the forward pass; multiplies the gradient by `scale` in the backward pass."""
+    detached = tensor.detach()
+    return detached + scale * (tensor - detached)
+
+
+@dataclass
+class HarmonTrainingOutput(ModelOutput):
+    """`loss`: the weighted sum of `task_losses`, one per task of the batch."""
+
+    loss: torch.Tensor | None = None
+    task_losses: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class HarmonGenerationState:
+    """Where a masked-autoregressive generation stands between rounds."""
+
+    prompt_cache: DynamicCache  # keys and values of the prompts, conditional rows then unconditional
+    prompt_attention_mask: torch.Tensor  # (rows, prompt_length)
+    grid_size: tuple[int, int]  # latent tokens per side (h, w)
+    tokens: torch.Tensor  # (b, h*w, c) generated or given tokens, zeros where still masked
+    mask: torch.Tensor  # (b, h*w) 1 = still to generate
+    orders: torch.Tensor  # (b, h*w) generation order of each image, masked positions first
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """(b, h, w, c)"""
+        return self.tokens.reshape(self.tokens.shape[0], *self.grid_size, -1)
+
+
+@dataclass
+class HarmonRoundOutput:
+    """One masked-autoregressive round: encoder features after the LLM residual, and per-token conditions."""
+
+    encoded: torch.Tensor  # (b, buffer_size + visible, d_enc)
+    conditions: torch.Tensor  # (b, h*w, d_dec)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class HarmonPreTrainedModel(PreTrainedModel):
+    config: HarmonConfig
+    config_class = HarmonConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen2DecoderLayer", "HarmonMARBlock", "HarmonDiffusionHead", "HarmonProjector"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # transformers skips modules without parameters of their own in remote code, in case their init writes
+        # tensors in place; every init here goes through `transformers.initialization`, which leaves loaded tensors
+        # alone, and the containers below must run after their children.
+        super()._initialize_weights(module, is_custom_code=False)
+
+    def _init_weights(self, module):
+        """MAR's initialisation for the modules that come from MAR (Xavier-uniform linear layers, N(0, 0.02) learned
+        embeddings and timestep MLP, zero adaptive-norm modulation and head output), PyTorch's default for the
+        projections (plain `nn.Linear` layers in the reference), the LLM's own elsewhere. It only matters when
+        training from scratch: the released weights replace all of it."""
+        super()._init_weights(module)
+        # Modules are initialised children first, so a container's choices below override its children's defaults.
+        if isinstance(module, HarmonMARBlock):
+            for linear in (module.attn.qkv, module.attn.proj, module.mlp.fc1, module.mlp.fc2):
+                xavier_uniform_linear(linear)
+        elif isinstance(module, (HarmonMAREncoder, HarmonMARDecoder)):
+            for parameter in module.parameters(recurse=False):
+                init.normal_(parameter, std=0.02)
+            xavier_uniform_linear(module.token_proj if isinstance(module, HarmonMAREncoder) else module.embed)
+        elif isinstance(module, HarmonProjector):
+            # transformers' N(0, 0.02) shrinks a narrow layer's input (x0.28 at width 192, against x0.58 here): in 400
+            # steps of training a small Harmon from scratch, the decoder's conditions then varied 0.1 % across prompts,
+            # against 2.4 % with unit-gain projections.
+            for linear in (module.linear_1, module.linear_2):
+                torch_default_linear(linear)
+        elif isinstance(module, HarmonDiffusionResBlock):
+            xavier_uniform_linear(module.fc1)
+            xavier_uniform_linear(module.fc2)
+            init.zeros_(module.modulation.weight)
+            init.zeros_(module.modulation.bias)
+        elif isinstance(module, HarmonDiffusionFinalLayer):
+            for linear in (module.modulation, module.linear):
+                init.zeros_(linear.weight)
+                init.zeros_(linear.bias)
+        elif isinstance(module, HarmonDiffusionHead):
+            xavier_uniform_linear(module.input_proj)
+            xavier_uniform_linear(module.cond_embed)
+            for linear in (module.time_embed.linear_1, module.time_embed.linear_2):
+                init.normal_(linear.weight, std=0.02)
+                init.zeros_(linear.bias)
+
+
+def xavier_uniform_linear(linear: nn.Linear):
+    init.xavier_uniform_(linear.weight)
+    init.zeros_(linear.bias)
+
+
+def torch_default_linear(linear: nn.Linear):
+    """`nn.Linear.reset_parameters`, through `transformers.initialization`: U(+-1/sqrt(fan_in)) weights and bias."""
+    bound = 1 / math.sqrt(linear.in_features)
+    init.uniform_(linear.weight, -bound, bound)
+    init.uniform_(linear.bias, -bound, bound)
+
+
+class HarmonModel(HarmonPreTrainedModel):
+    """Everything but the LM head: LLM, MAR encoder/decoder, diffusion head, projections and the frozen VAE."""
+
+    def __init__(self, config: HarmonConfig):
+        super().__init__(config)
+        llm_width = config.text_config.hidden_size
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.mar_encoder = HarmonMAREncoder(config)
+        self.mar_decoder = HarmonMARDecoder(config)
+        self.diffusion_head = HarmonDiffusionHead(config)
+        self.proj_in = HarmonProjector(config.encoder_hidden_size, llm_width, llm_width)
+        self.proj_out = HarmonProjector(llm_width, config.encoder_hidden_size, llm_width)
+        self.vae = AutoencoderKL.from_config({**config.vae_config, "scaling_factor": config.vae_scale})
+        self.vae.requires_grad_(False)
+        # Not a module: its float64 tables stay on the CPU even when the weights are created on the meta device.
+        with torch.device("cpu"):
+            self.noise_scheduler = HarmonDiffusionScheduler(
+                num_train_timesteps=config.num_train_timesteps,
+                prediction_type=config.diffusion_prediction_type,
+                clip_sample=config.diffusion_clip_range is not None,
+                clip_sample_range=config.diffusion_clip_range or 1.0,
+            )
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    # -- pixels and latents -------------------------------------------------------------------------------------
+
+    def check_pixel_values(self, pixel_values: torch.Tensor):
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must have shape (batch, 3, height, width), got {tuple(pixel_values.shape)}")
+        height, width = pixel_values.shape[-2:]
+        stride = self.config.vae_stride
+        if height % stride or width % stride:
+            raise ValueError(f"image sides must be multiples of {stride}, got {height}x{width}")
+        low, high = pixel_values.min().item(), pixel_values.max().item()
+        if low < -1 - PIXEL_RANGE_TOLERANCE or high > 1 + PIXEL_RANGE_TOLERANCE:
+            raise ValueError(
+                f"pixel_values must be normalised to [-1, 1] (x / 255 * 2 - 1), got values in [{low:.3g}, {high:.3g}]"
+            )
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (b, 3, H, W) in [-1, 1] -> scaled latent tokens (b, H/16, W/16, c): the posterior's mode
+        (16 = vae_stride, c = token_channels)."""
+        self.check_pixel_values(pixel_values)
+        posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+        latents = posterior.mode() * self.config.vae_scale  # (b, c_vae, p*h, p*w)
+        patch = self.config.patch_size
+        if patch == 1:  # the released models: keep the view; a copied layout changed the VAE kernels' last bits
+            return latents.permute(0, 2, 3, 1)
+        batch, channels, height, width = latents.shape
+        patches = latents.reshape(batch, channels, height // patch, patch, width // patch, patch)
+        return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, height // patch, width // patch, -1)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """latent tokens (b, h, w, c) -> pixels (b, 3, 16h, 16w), nominally in [-1, 1] (not clamped)."""
+        batch, height, width, _ = latents.shape
+        patch = self.config.patch_size
+        if patch == 1:
+            latents = latents.permute(0, 3, 1, 2)
+        else:
+            patches = latents.reshape(batch, height, width, -1, patch, patch).permute(0, 3, 1, 4, 2, 5)
+            latents = patches.reshape(batch, -1, height * patch, width * patch)
+        return self.vae.decode((latents / self.config.vae_scale).to(self.vae.dtype)).sample
+
+    # -- understanding ------------------------------------------------------------------------------------------
+
+    def encode_visible_tokens(self, tokens: torch.Tensor, mask: torch.Tensor, grid_size: tuple[int, int]):
+        """MAR encoder on the visible tokens -> (encoder features (b, buffer + visible, d_enc),
+        LLM inputs (b, visible + buffer, d_llm): projected, image tokens first and buffers last)."""
+        encoded = self.mar_encoder(tokens, mask, grid_size)
+        projected = self.proj_in(encoded)
+        buffer_size = self.config.buffer_size
+        return encoded, torch.cat([projected[:, buffer_size:], projected[:, :buffer_size]], dim=1)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (b, 3, H, W) -> features (b, (H/16)*(W/16) + buffer_size, d_llm) for the placeholders."""
+        latents = self.encode_images(pixel_values)
+        batch, height, width, channels = latents.shape
+        tokens = latents.reshape(batch, height * width, channels)
+        _, features = self.encode_visible_tokens(tokens, tokens.new_zeros(batch, height * width), (height, width))
+        return features
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            if input_ids is None:
+                raise ValueError("pixel_values need input_ids with image placeholder tokens to replace")
+            features = self.get_image_features(pixel_values)
+            placeholders = input_ids == self.config.image_token_id
+            num_placeholders, num_features = int(placeholders.sum()), features.shape[0] * features.shape[1]
+            if num_placeholders != num_features:
+                raise ValueError(
+                    f"The prompt has {num_placeholders} image placeholder tokens (id {self.config.image_token_id}) "
+                    f"but {features.shape[0]} image(s) give {num_features} features "
+                    f"({features.shape[1]} per image): the two must be equal"
+                )
+            features = scale_gradient(features, self.config.visual_gradient_scale).to(inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(placeholders.unsqueeze(-1), features)
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+    # -- generation -----------------------------------------------------------------------------------------------
+
+    def prefill_prompt(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> DynamicCache:
+        """Keys and values of the (right-padded) prompts, reused by every round."""
+        cache = DynamicCache(config=self.config.text_config)
+        self.language_model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
+        return cache
+
+    def run_round(
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor,
+        grid_size: tuple[int, int],
+        prompt_cache: DynamicCache,
+        prompt_attention_mask: torch.Tensor,
+        prompt_inputs_embeds: torch.Tensor | None = None,
+    ) -> HarmonRoundOutput:
+        """One round: encode the visible tokens, pass them through the LLM after the prompt, decode conditions.
+
+        tokens (b, h*w, c) and mask (b, h*w) describe each image once; the prompt batch may hold several prompts per
+        image (conditional rows first, then unconditional), so the encoder's output is computed once and repeated.
+        With `prompt_inputs_embeds` the prompt goes through the LLM in the same pass (training) instead of coming
+        from `prompt_cache`, which is left as it was.
+        """
+        encoded, llm_inputs = self.encode_visible_tokens(tokens, mask, grid_size)
+        prompts_per_image = prompt_attention_mask.shape[0] // tokens.shape[0]
+        encoded = encoded.repeat(prompts_per_image, 1, 1)
+        llm_inputs = llm_inputs.repeat(prompts_per_image, 1, 1)
+        mask = mask.repeat(prompts_per_image, 1)
+
+        num_image_positions = llm_inputs.shape[1]
+        attention_mask = torch.cat(
+            [prompt_attention_mask, prompt_attention_mask.new_ones(prompt_attention_mask.shape[0], num_image_positions)],
+            dim=1,
+        )
+        # Pad slots of the prompt do not advance the positions of the image tokens.
+        position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        if prompt_inputs_embeds is None:
+            hidden = self.language_model(
+                inputs_embeds=llm_inputs.to(self.language_model.dtype),
+                attention_mask=attention_mask,
+                position_ids=position_ids[:, -num_image_positions:],
+                cache=prompt_cache,
+                use_cache=True,
+            ).last_hidden_state
+            prompt_cache.crop(-num_image_positions)  # back to the prompt alone
+        else:
+            hidden = self.language_model(
+                inputs_embeds=torch.cat([prompt_inputs_embeds, llm_inputs.to(prompt_inputs_embeds.dtype)], dim=1),
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            ).last_hidden_state[:, -num_image_positions:]
+        buffer_size = self.config.buffer_size
+        hidden = torch.cat([hidden[:, -buffer_size:], hidden[:, :-buffer_size]], dim=1)  # buffers back to the front
+        encoded = encoded + self.proj_out(hidden).to(encoded.dtype)
+        return HarmonRoundOutput(encoded=encoded, conditions=self.mar_decoder(encoded, mask, grid_size))
+
+    def make_sampling_scheduler(self, num_inference_steps: int | None = None) -> HarmonDiffusionScheduler:
+        """The reference sampler: the head's own process, respaced to `num_inference_steps`."""
+        with torch.device("cpu"):
+            scheduler = HarmonDiffusionScheduler.from_config(self.noise_scheduler.config)
+            scheduler.set_timesteps(num_inference_steps or self.config.num_inference_steps)
+        return scheduler
+
+    @torch.no_grad()
+    def sample_tokens(
+        self,
+        conditions: torch.Tensor,
+        scheduler=None,
+        guidance_scale: float = 1.0,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        step_noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sample one latent token per condition row with the diffusion head.
+
+        `scheduler` is a [`HarmonDiffusionScheduler`] with its timesteps set (the default: the reference's 100 steps)
+        or any diffusers scheduler with `set_timesteps` already called and the head's `prediction_type`, which gets
+        the prediction alone (for example DPM-Solver++ for fewer steps; `temperature` applies to the Harmon scheduler
+        only). With guidance, `conditions` holds conditional rows then unconditional rows, and both halves start from
+        the same noise.
+        `latents` (start noise of the conditional half) and `step_noise` (num_steps, n, c) reproduce a recorded run.
+        Returns (n, c) in float32.
+        """
+        scheduler = scheduler if scheduler is not None else self.make_sampling_scheduler()
+        # Every call samples a fresh set of tokens: restart the scheduler (multistep solvers keep a history).
+        scheduler.set_timesteps(scheduler.num_inference_steps)
+        learned_variance = isinstance(scheduler, HarmonDiffusionScheduler)
+        num_rows = conditions.shape[0]
+        num_independent = num_rows // 2 if guidance_scale != 1.0 else num_rows
+        if latents is None:
+            latents = torch.randn(
+                (num_independent, self.config.token_channels), generator=generator, dtype=torch.float32
+            ).to(conditions.device)
+        sample = latents.float().repeat(num_rows // num_independent, 1)
+        if not learned_variance:
+            sample = sample * scheduler.init_noise_sigma
+
+        head = self.diffusion_head
+        condition_embedding = head.embed_conditions(conditions)  # computed once for all steps
+        timesteps = scheduler.timesteps
+        # Modulations of a chunk of steps in one batch: one pass over those weights instead of one per step.
+        steps_per_chunk = max(1, MODULATION_BUFFER_ELEMENTS // (num_rows * head.modulation_width))
+        for chunk_start in range(0, len(timesteps), steps_per_chunk):
+            chunk = timesteps[chunk_start : chunk_start + steps_per_chunk]
+            time_embedding = head.embed_timesteps(chunk.to(conditions.device))  # (steps, width)
+            modulations = head.modulations(time_embedding[:, None] + condition_embedding[None])  # (steps, n, k*width)
+            for offset, timestep in enumerate(chunk):
+                index = chunk_start + offset
+                model_input = sample if learned_variance else scheduler.scale_model_input(sample, timestep)
+                model_output = head.denoise_with_guidance(
+                    model_input, [modulation[offset] for modulation in modulations], guidance_scale
+                ).float()
+                if learned_variance:
+                    sample = scheduler.step(
+                        model_output,
+                        timestep,
+                        sample,
+                        generator=generator,
+                        variance_noise=None if step_noise is None else step_noise[index],
+                        temperature=temperature,
+                    ).prev_sample
+                else:
+                    prediction = model_output[:, : self.config.token_channels]
+                    sample = scheduler.step(prediction, timestep, sample, generator=generator).prev_sample
+        return sample
+
+    # -- training losses --------------------------------------------------------------------------------------------
+
+    def diffusion_loss_terms(self, target, conditions, timesteps, noise) -> dict[str, torch.Tensor]:
+        """Per-token `mse`, `vb` (bits, mean prediction detached) and `loss` = mse + vb of the diffusion head."""
+        noisy = self.noise_scheduler.add_noise(target, noise, timesteps)
+        output = self.diffusion_head(noisy, timesteps, conditions).float()
+        prediction, variance_value = output.split(self.config.token_channels, dim=-1)
+        prediction_target = self.noise_scheduler.training_target(target, noise, timesteps)
+        mse = ((prediction_target - prediction) ** 2).mean(dim=-1)
+        vb = self.noise_scheduler.variational_bound(
+            torch.cat([prediction.detach(), variance_value], dim=-1), target, noisy, timesteps
+        )
+        return {"mse": mse, "vb": vb, "loss": mse + vb}
+
+    def random_mask(self, batch: int, num_tokens: int, generator=None, device=None) -> torch.Tensor:
+        """MAR's training mask: a random order per image, ceil(L * r) first positions masked, r ~ truncated normal."""
+        ratio = torch.empty(1)
+        torch.nn.init.trunc_normal_(
+            ratio,
+            mean=MASK_RATIO_MEAN,
+            std=self.config.mask_ratio_std,
+            a=self.config.mask_ratio_min,
+            b=1.0,
+            generator=generator,
+        )
+        num_masked = math.ceil(num_tokens * ratio.item())
+        orders = torch.stack([torch.randperm(num_tokens, generator=generator) for _ in range(batch)])
+        mask = torch.zeros(batch, num_tokens)
+        mask.scatter_(1, orders[:, :num_masked], 1.0)
+        return mask.to(device)
+
+    def text_to_image_loss(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        timesteps: torch.LongTensor | None = None,
+        noise: torch.Tensor | None = None,
+        return_conditions: bool = False,
+    ):
+        """MAR's diffusion loss on the masked tokens, conditioned on the prompt through the LLM in one pass.
+
+        Give `pixel_values` or pre-encoded `latents` (b, h, w, c); `mask` (b, h*w), `timesteps` and `noise` (for the
+        `diffusion_batch_mul`-times repeated tokens, repeat-major) are drawn at random unless given.
+        """
+        if latents is None:
+            latents = self.encode_images(pixel_values)
+        batch, height, width, channels = latents.shape
+        num_tokens = height * width
+        target = latents.reshape(batch, num_tokens, channels).float()
+        if mask is None:
+            mask = self.random_mask(batch, num_tokens, device=latents.device)
+        round_output = self.run_round(
+            target,
+            mask,
+            (height, width),
+            prompt_cache=None,
+            prompt_attention_mask=attention_mask,
+            prompt_inputs_embeds=self.get_input_embeddings()(input_ids),
+        )
+        repeats = self.config.diffusion_batch_mul
+        target = target.reshape(batch * num_tokens, channels).repeat(repeats, 1)
+        conditions = round_output.conditions.reshape(batch * num_tokens, -1).repeat(repeats, 1)
+        token_mask = mask.reshape(batch * num_tokens).repeat(repeats).float()
+        if timesteps is None:
+            timesteps = torch.randint(0, self.config.num_train_timesteps, (len(target),), device=target.device)
+        if noise is None:
+            noise = torch.randn_like(target)
+        per_token = self.diffusion_loss_terms(target, conditions, timesteps, noise)["loss"]
+        loss = (per_token * token_mask).sum() / token_mask.sum()
+        return (loss, round_output.conditions) if return_conditions else loss
+
+
+class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
+    """Harmon with the LM head: understanding (`forward`, `generate`) and image generation (`generate_images`)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: HarmonConfig):
+        super().__init__(config)
+        self.model = HarmonModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_images(pixel_values)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.model.decode_latents(latents)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        task_batches: dict[str, dict] | None = None,
+        task_weights: dict[str, float] | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | HarmonTrainingOutput:
+        """Understanding: every `image_token_id` in `input_ids` is replaced, in order, by the visual features.
+
+        With `labels` (-100 = ignored) the loss is the next-token cross-entropy; the gradient reaching the visual
+        features is scaled by `config.visual_gradient_scale`.
+
+        Training on several tasks: `task_batches` maps "text_to_image" (prompts and target `pixel_values`),
+        "image_to_text" and "text" (inputs with `labels`) to their batches; the output's loss is the sum of the task
+        losses weighted by `task_weights` (default 1). One forward per step, whatever the tasks, is what
+        distributed wrappers (DDP, FSDP, DeepSpeed) need.
+        """
+        if task_batches is not None:
+            return self.multitask_loss(task_batches, task_weights or {})
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def text_to_image_loss(self, *args, **kwargs):
+        return self.model.text_to_image_loss(*args, **kwargs)
+
+    def multitask_loss(self, task_batches: dict[str, dict], task_weights: dict[str, float]) -> HarmonTrainingOutput:
+        task_losses = {}
+        for task, batch in task_batches.items():
+            if task == "text_to_image":
+                task_losses[task] = self.text_to_image_loss(batch["input_ids"], batch["attention_mask"],
+                                                            pixel_values=batch["pixel_values"])
+            elif task in ("image_to_text", "text"):
+                task_losses[task] = self(**batch).loss
+            else:
+                raise ValueError(f"unknown task {task!r}: expected text_to_image, image_to_text or text")
+        loss = sum(task_weights.get(task, 1.0) * value for task, value in task_losses.items())
+        return HarmonTrainingOutput(loss=loss, task_losses=task_losses)
+
+    def image_to_text_loss(self, input_ids, attention_mask, pixel_values, labels) -> torch.Tensor:
+        return self(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, labels=labels).loss
+
+    @torch.no_grad()
+    def prepare_image_generation(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        height: int | None = None,
+        width: int | None = None,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        generator: torch.Generator | None = None,
+        image_latents: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> HarmonGenerationState:
+        """Check the request, cache the prompts and draw the generation orders."""
+        height = height or self.config.image_size
+        width = width or self.config.image_size
+        stride = self.config.vae_stride
+        if height <= 0 or width <= 0 or height % stride or width % stride:
+            raise ValueError(f"height and width must be positive multiples of {stride}, got {height}x{width}")
+        num_prompts = input_ids.shape[0]
+        if guidance_scale != 1.0 and num_prompts % 2:
+            raise ValueError(f"guidance needs conditional and unconditional prompts in equal numbers, got {num_prompts}")
+        batch = num_prompts // 2 if guidance_scale != 1.0 else num_prompts
+        grid_size = (height // stride, width // stride)
+        num_tokens = grid_size[0] * grid_size[1]
+        device = self.lm_head.weight.device
+        attention_mask = attention_mask.to(device)
+
+        if image_latents is None:
+            tokens = torch.zeros(batch, num_tokens, self.config.token_channels, device=device)
+            mask = torch.ones(batch, num_tokens, device=device)
+        else:
+            if tuple(image_latents.shape[:3]) != (batch, *grid_size) or mask is None:
+                raise ValueError(
+                    f"image_latents must have shape ({batch}, {grid_size[0]}, {grid_size[1]}, c) for the requested "
+                    f"size and come with a mask, got {tuple(image_latents.shape)}"
+                )
+            mask = mask.reshape(batch, num_tokens).to(device=device, dtype=torch.float32)
+            if len(set(mask.sum(dim=1).tolist())) != 1 or mask.sum() == 0:
+                raise ValueError("every image's mask must cover the same, non-zero number of tokens")
+            tokens = image_latents.reshape(batch, num_tokens, -1).to(device=device, dtype=torch.float32)
+            tokens = tokens * (1 - mask[..., None])
+        # Masked positions come first in every random order, so only they are generated.
+        scores = torch.rand(batch, num_tokens, generator=generator).to(device)
+        orders = torch.argsort(scores - 2.0 * mask, dim=1)
+        return HarmonGenerationState(
+            prompt_cache=self.model.prefill_prompt(input_ids.to(device), attention_mask),
+            prompt_attention_mask=attention_mask,
+            grid_size=grid_size,
+            tokens=tokens,
+            mask=mask,
+            orders=orders,
+        )
+
+    @torch.no_grad()
+    def generation_round(
+        self,
+        state: HarmonGenerationState,
+        round_index: int,
+        num_iter: int,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        guidance_schedule: str = "constant",
+        temperature: float = 1.0,
+        scheduler=None,
+        generator: torch.Generator | None = None,
+    ) -> HarmonGenerationState:
+        """Round `round_index` of `num_iter`: predict conditions for every token, sample the tokens whose turn it is."""
+        if guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+        batch, num_tokens = state.mask.shape
+        num_masked_now = int(state.mask[0].sum())
+        num_masked_next = num_masked_after_round(round_index, num_iter, num_tokens, num_masked_now)
+        mask_next = torch.zeros_like(state.mask).scatter_(1, state.orders[:, :num_masked_next], 1.0)
+        tokens_to_predict = (state.mask - mask_next).bool()
+        if tokens_to_predict.any():
+            round_output = self.model.run_round(
+                state.tokens, state.mask, state.grid_size, state.prompt_cache, state.prompt_attention_mask
+            )
+            conditions = round_output.conditions.reshape(-1, batch, num_tokens, round_output.conditions.shape[-1])
+            selected = conditions[:, tokens_to_predict].flatten(0, 1)  # conditional rows, then unconditional
+            round_guidance = guidance_scale_at(guidance_scale, guidance_schedule, num_masked_next, num_tokens)
+            sampled = self.model.sample_tokens(selected, scheduler, round_guidance, temperature, generator)
+            state.tokens[tokens_to_predict] = sampled[: int(tokens_to_predict.sum())].to(state.tokens.dtype)
+        state.mask = mask_next
+        return state
+
+    @torch.no_grad()
+    def generate_images(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        height: int | None = None,
+        width: int | None = None,
+        num_iter: int = DEFAULT_NUM_ITER,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        guidance_schedule: str = "constant",
+        temperature: float = 1.0,
+        num_inference_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        image_latents: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        output_type: str = "pt",
+    ) -> torch.Tensor:
+        """Masked-autoregressive text-to-image generation with the bare model.
+
+        `input_ids`/`attention_mask` hold the right-padded prompts in Harmon's template (see
+        `HarmonProcessor.generation_inputs`); with guidance (`guidance_scale != 1`) the first half are the conditional
+        prompts and the second half the unconditional ones. `image_latents` (b, h, w, c) with `mask` (b, h*w,
+        1 = generate) regenerates only the masked tokens. Returns pixels (b, 3, H, W), nominally in [-1, 1], or the
+        latents (b, h, w, c) with `output_type="latent"`.
+        """
+        if num_iter < 1:
+            raise ValueError(f"num_iter must be at least 1, got {num_iter}")
+        state = self.prepare_image_generation(
+            input_ids, attention_mask, height, width, guidance_scale, generator, image_latents, mask
+        )
+        scheduler = self.model.make_sampling_scheduler(num_inference_steps)
+        for round_index in range(num_iter):
+            self.generation_round(
+                state, round_index, num_iter, guidance_scale, guidance_schedule, temperature, scheduler, generator
+            )
+        return state.latents if output_type == "latent" else self.decode_latents(state.latents)
+
+
+__all__ = ["HarmonForConditionalGeneration", "HarmonModel", "HarmonPreTrainedModel"]

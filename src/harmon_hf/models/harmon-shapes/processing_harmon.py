@@ -1,0 +1,122 @@
+"""HarmonProcessor: Harmon's chat template, image placeholders and text-to-image prompts around a Qwen2 tokenizer."""
+
+import re
+
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+
+IMAGE_TOKEN = "<image>"
+GENERATION_INSTRUCTION = "Generate an image: {prompt}"
+UNCONDITIONAL_PROMPT = "Generate an image."
+# Qwen2.5's chat format without its default system turn, as Harmon was trained; an image part becomes "<image>\n".
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_ASSISTANT_START = "<|im_start|>assistant\n"
+_TURN_END = "<|im_end|>"
+
+
+class HarmonProcessor(ProcessorMixin):
+    r"""
+    Combines [`HarmonImageProcessor`] and a Qwen2 tokenizer.
+
+    Args:
+        image_processor ([`HarmonImageProcessor`]): prepares the pixels.
+        tokenizer: a Qwen2.5 tokenizer that knows the `<image>` token.
+        num_buffer_tokens (`int`, defaults to 64): MAR buffer slots, appended to every image's features.
+        chat_template (`str`, *optional*): defaults to Harmon's template (no system turn).
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, num_buffer_tokens: int = 64, chat_template=None, **kwargs):
+        self.num_buffer_tokens = num_buffer_tokens
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
+        self.image_token = IMAGE_TOKEN
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token: add it as a special token first")
+
+    def num_image_tokens(self, size: int | None = None) -> int:
+        """Placeholders per (square) image: one per latent token plus the buffer slots."""
+        size = size or self.image_processor.image_size
+        return (size // self.image_processor.vae_stride) ** 2 + self.num_buffer_tokens
+
+    def __call__(self, text=None, images=None, size: int | None = None, padding_side: str = "left",
+                 return_tensors="pt", **kwargs) -> BatchFeature:
+        """Understanding inputs: each `<image>` in `text` becomes the image's placeholders, in order.
+
+        `text`: a string or a list (one sequence each, already in the chat template, e.g. from
+        `apply_chat_template`); `images`: the images of all sequences, in order of their `<image>` markers.
+        Left-padded by default, as `generate` expects.
+        """
+        if text is None:
+            raise ValueError("HarmonProcessor needs text (with one <image> marker per image)")
+        texts = [text] if isinstance(text, str) else list(text)
+        images = [] if images is None else images if isinstance(images, (list, tuple)) else [images]
+        num_markers = sum(t.count(IMAGE_TOKEN) for t in texts)
+        if num_markers != len(images):
+            raise ValueError(f"the text has {num_markers} {IMAGE_TOKEN} marker(s) but {len(images)} image(s) were given")
+        placeholders = IMAGE_TOKEN * self.num_image_tokens(size)
+        texts = [t.replace(IMAGE_TOKEN, placeholders) for t in texts]
+        encoding = self.tokenizer(texts, padding=True, padding_side=padding_side, add_special_tokens=False,
+                                  return_tensors=return_tensors)
+        data = dict(encoding)
+        if images:
+            data["pixel_values"] = self.image_processor(images, mode="understanding", size=size,
+                                                        return_tensors=return_tensors)["pixel_values"]
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def apply_generation_template(self, prompt: str) -> str:
+        return self.apply_chat_template(
+            [{"role": "user", "content": GENERATION_INSTRUCTION.format(prompt=prompt)}], add_generation_prompt=True
+        )
+
+    def apply_unconditional_template(self) -> str:
+        """Harmon's unconditional prompt, the one classifier-free guidance and training's caption dropout use."""
+        return self.apply_chat_template([{"role": "user", "content": UNCONDITIONAL_PROMPT}], add_generation_prompt=True)
+
+    def generation_inputs(self, prompts, negative_prompt=None, return_tensors="pt") -> BatchFeature:
+        """Text-to-image prompts: the conditional rows, then as many unconditional rows (right-padded).
+
+        The unconditional prompt is Harmon's "Generate an image." unless `negative_prompt` (one string, or one per
+        prompt) takes its place in the same template as the prompts.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if negative_prompt is None:
+            negative_texts = [self.apply_unconditional_template()] * len(prompts)
+        else:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+            negative_texts = [self.apply_generation_template(n) for n in negatives]
+        texts = [self.apply_generation_template(p) for p in prompts] + negative_texts
+        encoding = self.tokenizer(texts, padding=True, padding_side="right", add_special_tokens=False,
+                                  return_tensors=return_tensors)
+        return BatchFeature(dict(encoding), tensor_type=return_tensors)
+
+    def decode_answer(self, text: str) -> str:
+        """The last assistant turn of a decoded sequence, without the chat markup."""
+        if _ASSISTANT_START in text:
+            text = text.rsplit(_ASSISTANT_START, 1)[1]
+        text = text.split(_TURN_END, 1)[0]
+        special = "|".join(re.escape(token) for token in self.tokenizer.all_special_tokens + [IMAGE_TOKEN])
+        return re.sub(special, "", text).strip() if special else text.strip()
+
+    def batch_decode(self, sequences, **kwargs) -> list[str]:
+        """Decode generated ids (with or without the prompt) to the answers alone."""
+        kwargs["skip_special_tokens"] = False
+        return [self.decode_answer(text) for text in self.tokenizer.batch_decode(sequences, **kwargs)]
+
+    def decode(self, sequence, **kwargs) -> str:
+        return self.batch_decode([sequence], **kwargs)[0]
+
+
+__all__ = ["HarmonProcessor"]
