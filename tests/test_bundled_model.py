@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from PIL import Image
 
@@ -34,6 +35,18 @@ def test_the_bundled_model_is_installed_small_and_carries_its_scores():
     for half in ("generation", "understanding"):
         assert final[half]["overall"] >= TARGET_SCORE
         assert f"{final[half]['overall']:.3f}" in card
+
+
+def test_the_bundled_remote_code_is_the_packages_model_code():
+    """The folder carries the model code for `AutoModel.from_pretrained(..., trust_remote_code=True)`, as a Hub
+    repository does; it must be the package's own, or the two would drift apart."""
+    import harmon_hf.modeling
+
+    remote_code = sorted(path.name for path in BUNDLED_MODEL.glob("*.py"))
+    assert remote_code  # the folder loads through the Auto classes without harmon_hf's registration
+    for name in remote_code:
+        assert (BUNDLED_MODEL / name).read_text() == (Path(harmon_hf.modeling.__file__).parent / name).read_text(), (
+            f"{name} of the bundled model differs from harmon_hf.modeling's: copy it over")
 
 
 def test_shapes_eval_of_the_bundled_model_stays_above_its_floors(tmp_path):

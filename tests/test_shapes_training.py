@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from harmon_hf.shapes import diagnose, release
-from harmon_hf.shapes.diagnose import (FIRST_ROUND_MEASURES, PROMPT_PATH, RECALL_MEASURES, cell_index,
-                                        colour_confusion, colour_separation, first_round_binding, first_round_draws,
-                                        first_round_scenes, object_recall, prompt_influence)
-from harmon_hf.shapes.world import CELLS, IMAGE_SIZE
+from harmon_hf.shapes.diagnose import (FIRST_ROUND_MEASURES, PROMPT_PATH, RECALL_MEASURES, colour_confusion,
+                                        colour_separation, first_round_binding, first_round_draws, first_round_scenes,
+                                        object_recall, prompt_influence)
+from harmon_hf.shapes.world import CELLS, IMAGE_SIZE, cell_index
 from harmon_hf.training import Recipe
 
 STAGES = ("stage0_language", "stage1", "stage2", "stage3")
@@ -54,6 +54,8 @@ def test_shapes_recipes_follow_the_papers_three_stages():
         return [round(by_task[t] / smallest, 1) for t in ("text", "image_to_text", "text_to_image")]
 
     assert ratios(recipes["stage0_language"]) == [1, 0, 0]
+    # captions, conversations in words, and the image's questions about the scene in cell tokens
+    assert [source.conversations_column for source in recipes["stage0_language"].data] == [None, "language", "cells"]
     assert recipes["stage1"].frozen == ["language_model"] and ratios(recipes["stage1"]) == [0, 1, 2]
     assert recipes["stage2"].frozen == [] and ratios(recipes["stage2"]) == [1, 3, 8]
     assert ratios(recipes["stage3"]) == [1, 3, 16]
