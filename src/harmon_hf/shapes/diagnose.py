@@ -12,9 +12,9 @@ in the prompt, does the diffusion head draw that object from its conditions?
 are the drawn objects the colour and shape the prompt asks for? (`colour_confusion` tabulates the colours.)
 
 `answers_by_scene_kind` turns to understanding: the accuracy of answers per question type and kind of scene, about
-the image or, without one, about the scene's description in words or in cell tokens. A question about one of two objects ("What colour is the
-circle?") is answered only by finding the object it names; a model that reads the image as one pooled object answers
-questions about single objects and fails these. `object_token_probe` asks whether the image features allow better:
+the image or, without one, about the scene's description in words or in cell tokens. A question about one of two
+objects ("What colour is the circle?") is answered only by finding the object it names; a model that reads the image
+as one pooled object answers questions about single objects and fails these. `object_token_probe` asks whether the image features allow better:
 how well a linear read-out of each object's own token at the LLM's input tells its colour and shape, and
 `object_token_mixing` how much of that token is the other object's. `attention_to_named_object` asks where the
 LLM looks: per layer, how much of the answer position's attention falls on the token of the object a question
