@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +10,12 @@ from safetensors.torch import load_file
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def run_harmon(*args, stdin: str | None = None, env: dict | None = None, timeout: int = 300):
+    """The `harmon` command as users run it: a real subprocess, with `env` added to this environment."""
+    return subprocess.run([sys.executable, "-m", "harmon_hf.cli", *map(str, args)], capture_output=True, text=True,
+                          input=stdin, env={**os.environ, **(env or {})}, timeout=timeout)
 REFERENCE = REPO.parent / "shared" / "reference"
 GOLDEN = REFERENCE / "golden"
 

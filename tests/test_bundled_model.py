@@ -1,13 +1,11 @@
 """Harmon-Shapes, the model bundled with harmon-hf: what a fresh install draws and answers, with no download."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from PIL import Image
 
+from conftest import run_harmon
 from harmon_hf import BUNDLED_MODEL, HarmonPipeline, bundled_model_path
 from harmon_hf.shapes.detector import Requirement, detect, satisfies
 from harmon_hf.shapes.release import MAX_BUNDLED_BYTES, MIN_SAMPLES, TARGET_SCORE
@@ -22,8 +20,7 @@ FLOORS = {"generation": 0.92, "understanding": 0.90}
 
 def harmon(*args):
     """The command as a user runs it, with no model named anywhere."""
-    return subprocess.run([sys.executable, "-m", "harmon_hf.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "HARMON_MODEL": ""}, timeout=600)
+    return run_harmon(*args, env={"HARMON_MODEL": ""}, timeout=600)
 
 
 def test_the_bundled_model_is_installed_small_and_carries_its_scores():

@@ -1,7 +1,6 @@
 """The `harmon` command, run as users run it: a real subprocess."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -9,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run_harmon
+
 FAST = ["--rounds", "3", "--steps", "4"]
 
 
-def harmon(*args, stdin=None, env=None):
-    return subprocess.run([sys.executable, "-m", "harmon_hf.cli", *map(str, args)], capture_output=True, text=True,
-                          input=stdin, env={**os.environ, **(env or {})}, timeout=300)
+harmon = run_harmon
 
 
 def assert_one_line_error(result, fragment):

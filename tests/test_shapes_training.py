@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import run_harmon
 from harmon_hf.shapes import diagnose, release
 from harmon_hf.shapes.diagnose import (FIRST_ROUND_MEASURES, PROMPT_PATH, RECALL_MEASURES, colour_confusion,
                                         colour_separation, first_round_binding, first_round_draws, first_round_scenes,
@@ -22,8 +23,7 @@ STAGES = ("stage0_language", "stage1", "stage2", "stage3")
 
 
 def harmon(*args):
-    result = subprocess.run([sys.executable, "-m", "harmon_hf.cli", *map(str, args)], capture_output=True, text=True,
-                            timeout=600)
+    result = run_harmon(*args, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

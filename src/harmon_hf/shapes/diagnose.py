@@ -37,9 +37,9 @@ from ..cli import image_question
 from .cases import understanding_cases
 from .evaluate import answer_questions
 from .vae import render_pixels
-from .world import (CELLS, KINDS, PALETTE, QUESTION_TYPES, SHAPES, SIZES, Scene, ShapeObject, caption, cell_centre,
-                    cell_description, cell_index, colour_question, describe, description_sentence, render,
-                    sample_split_scene, shape_question)
+from .world import (CELLS, KINDS, PALETTE, QUESTION_TYPES, SCENE_OPENINGS, SHAPES, SIZES, Scene, ShapeObject,
+                    caption, cell_centre, cell_index, colour_question, describe, render, sample_split_scene,
+                    shape_question)
 
 
 # What one cell of a single-object scene holds: nothing, or an object of one colour, shape and size.
@@ -224,16 +224,11 @@ def colour_separation(model) -> dict:
     return {"colours": table, "object to empty": torch.cat(object_to_empty).median().item()}
 
 
-# What a question in `answers_by_scene_kind` comes with: the scene's image, or text before the question (as in the
-# training data's `language` and `cells` conversations), without an image.
-SCENE_TEXTS = {"words": lambda scene: f"{description_sentence(scene)} ",
-               "cells": lambda scene: f"{cell_description(scene)}\n"}
-
-
 def answers_by_scene_kind(model, processor, count: int = 300, seed: int = 0, about: str = "image",
                           batch_size: int = 50) -> dict[str, dict[str, float]]:
     """{question type: {scene kind: share of right answers}} to one question about each of `count` training scenes
-    (the question types taking turns), about the scene's `image` or given as text, in `words` or `cells`."""
+    (the question types taking turns), about the scene's `image` or given as text, in `words` or `cells` (as the
+    training data's `language` and `cells` conversations give it)."""
     asked = understanding_cases(count, seed, split="train")
     correct = {question_type: {kind: [] for kind in KINDS} for question_type in QUESTION_TYPES}
     for start in range(0, count, batch_size):
@@ -243,7 +238,7 @@ def answers_by_scene_kind(model, processor, count: int = 300, seed: int = 0, abo
                                        [case.image(model.config.image_size) for case in batch])
         else:
             answers = answer_questions(model, processor,
-                                       [SCENE_TEXTS[about](case.scene) + case.question for case in batch])
+                                       [SCENE_OPENINGS[about](case.scene) + case.question for case in batch])
         for case, given in zip(batch, answers):
             correct[case.question_type][case.scene.kind].append(given == case.answer)
     return {question_type: {kind: sum(results) / len(results) for kind, results in by_kind.items() if results}

@@ -24,16 +24,15 @@ from transformers import AutoProcessor, Qwen2Config, Qwen2ForCausalLM
 
 from ..training.data import HarmonDataCollator, chat_ids
 from .build import SHAPES_TEXT_CONFIG
-from .world import (OBJECT_TOKENS, Scene, cell_description, colour_question, description_sentence, sample_scene,
-                    shape_question)
+from .world import OBJECT_TOKENS, SCENE_OPENINGS, Scene, colour_question, sample_scene, shape_question
 
 
 QUESTIONS_PER_CONVERSATION = 4
 # How the two objects are given before the first question.
 OBJECT_FORMS = {
-    "words": lambda scene: f"{description_sentence(scene)} ",
+    "words": SCENE_OPENINGS["words"],
     "tokens": lambda scene: "A {} and a {}. ".format(*(OBJECT_TOKENS[obj.name] for obj in scene.objects)),
-    "cells": lambda scene: f"{cell_description(scene)}\n",
+    "cells": SCENE_OPENINGS["cells"],
 }
 
 

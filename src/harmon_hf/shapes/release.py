@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from .. import BUNDLED_MODEL
+from .build import SHAPES_TEXT_CONFIG
 from .cases import GENERATION_CATEGORIES
 from .world import CELLS, DEFAULT_REGION, HELD_OUT, IMAGE_SIZE, QUESTION_TYPES
 
@@ -61,9 +62,10 @@ tags: [harmon, mar, synthetic]
 ---
 # Harmon-Shapes
 
-A small Harmon (a Qwen2 LLM of 4 layers and 8 attention heads, MAR encoder and decoder, a diffusion head, and an 8-channel autoencoder at
-1/8 of the image side) trained from scratch by harmon-hf's own recipes on the synthetic shapes world, at
-{IMAGE_SIZE} px. It draws and answers questions about one to three circles, squares and triangles in six colours, on
+A small Harmon (a Qwen2 LLM of {SHAPES_TEXT_CONFIG['num_hidden_layers']} layers and \
+{SHAPES_TEXT_CONFIG['num_attention_heads']} attention heads, MAR encoder and decoder, a diffusion head, and an 8-channel
+autoencoder at 1/8 of the image side) trained from scratch by harmon-hf's own recipes on the synthetic shapes world,
+at {IMAGE_SIZE} px. It draws and answers questions about one to three circles, squares and triangles in six colours, on
 a grid of {CELLS} x {CELLS} cells where a caption settles the layout (a single object whose place is unsaid is in the
 {DEFAULT_REGION}). It ships inside the `harmon-hf` package as its default model, so that generating and asking work
 with no download.

@@ -358,13 +358,19 @@ def finding_questions(scene: Scene) -> list[tuple[str, str, str]]:
 CELLS_QUESTIONS = 6
 
 
+# How a conversation without an image gives the scene before its first question: in words, or in cell tokens where
+# the image would be (the chat template puts a newline after the image).
+SCENE_OPENINGS = {"words": lambda scene: f"{description_sentence(scene)} ",
+                  "cells": lambda scene: f"{cell_description(scene)}\n"}
+
+
 def cells_conversation(scene: Scene, rng: random.Random) -> list[dict]:
     """Questions about the scene in cell tokens, where the image would be: the language pre-training's stand-in for
     what a pretrained LLM brings to stage I, answering from one token per object, which this LLM does not learn from
     words in its budget. Stage I then aligns each cell's image features to what the LLM can already read."""
     finding = finding_questions(scene)
     asked = [rng.choice(finding) if finding else pick_question(scene, rng) for _ in range(CELLS_QUESTIONS)]
-    return question_turns(asked, opening=cell_description(scene) + "\n")
+    return question_turns(asked, opening=SCENE_OPENINGS["cells"](scene))
 
 
 def language_conversation(scene: Scene, rng: random.Random) -> list[dict]:
@@ -376,7 +382,7 @@ def language_conversation(scene: Scene, rng: random.Random) -> list[dict]:
         return [{"from": "human", "value": GENERATION_INSTRUCTION.format(prompt=request)},
                 {"from": "gpt", "value": request}]
     asked = [pick_question(scene, rng) for _ in range(QUESTIONS_PER_CONVERSATION)]
-    return question_turns(asked, opening=description_sentence(scene) + " ")
+    return question_turns(asked, opening=SCENE_OPENINGS["words"](scene))
 
 
 def _rows(split: str, seed: "int | str", size: int, limit: int | None):
