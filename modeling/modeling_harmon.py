@@ -9,6 +9,7 @@ MLP samples the still-masked tokens. K rounds of this reveal all tokens, which t
 """
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -332,6 +333,14 @@ def guidance_scale_at(guidance_scale: float, schedule: str, num_masked_next: int
     return guidance_scale
 
 
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def scale_gradient(tensor: torch.Tensor, scale: float) -> torch.Tensor:
     """Identity in the forward pass; multiplies the gradient by `scale` in the backward pass."""
     detached = tensor.detach()
@@ -470,6 +479,15 @@ class HarmonModel(HarmonPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
+    def check_positions(self, num_positions: int, what: str):
+        """Refuse `num_positions` beyond the LLM's positions: past them RoPE runs on without an error, but the
+        outputs are garbage, and attention's memory grows with the square of the length."""
+        limit = self.config.text_config.max_position_embeddings
+        if num_positions > limit:
+            raise ValueError(
+                f"{what} needs {num_positions} positions, more than the LLM's {limit} (max_position_embeddings)"
+            )
+
     # -- pixels and latents -------------------------------------------------------------------------------------
 
     def check_pixel_values(self, pixel_values: torch.Tensor):
@@ -543,6 +561,8 @@ class HarmonModel(HarmonPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        self.check_positions((cache.get_seq_length() if cache is not None else 0) + sequence_length, "the sequence")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is not None:
@@ -630,7 +650,7 @@ class HarmonModel(HarmonPreTrainedModel):
         """The reference sampler: the head's own process, respaced to `num_inference_steps`."""
         with torch.device("cpu"):
             scheduler = HarmonDiffusionScheduler.from_config(self.noise_scheduler.config)
-            scheduler.set_timesteps(num_inference_steps or self.config.num_inference_steps)
+            scheduler.set_timesteps(self.config.num_inference_steps if num_inference_steps is None else num_inference_steps)
         return scheduler
 
     @torch.no_grad()
@@ -870,6 +890,37 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
     def image_to_text_loss(self, input_ids, attention_mask, pixel_values, labels) -> torch.Tensor:
         return self(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, labels=labels).loss
 
+    def check_image_generation(
+        self,
+        prompt_length: int,
+        height: int,
+        width: int,
+        num_iter: int,
+        guidance_scale: float,
+        guidance_schedule: str,
+        temperature: float,
+        num_inference_steps: int,
+    ):
+        """Refuse, before any compute, settings that the sampler cannot honour; each message names the value."""
+        stride = self.config.vae_stride
+        for name, value in (("height", height), ("width", width)):
+            if not _is_integer(value) or value <= 0 or value % stride:
+                raise ValueError(f"{name} must be a positive multiple of {stride}, got {value!r}")
+        for name, value in (("num_iter", num_iter), ("num_inference_steps", num_inference_steps)):
+            if not _is_integer(value) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not _is_real(guidance_scale) or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+        # The image's tokens and buffer slots follow the prompt in the LLM, so the size is bounded by its positions.
+        num_image_positions = (height // stride) * (width // stride) + self.config.buffer_size
+        self.model.check_positions(
+            prompt_length + num_image_positions, f"a {height}x{width} image after a {prompt_length}-token prompt"
+        )
+
     @torch.no_grad()
     def prepare_image_generation(
         self,
@@ -882,12 +933,10 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         image_latents: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> HarmonGenerationState:
-        """Check the request, cache the prompts and draw the generation orders."""
-        height = height or self.config.image_size
-        width = width or self.config.image_size
+        """Cache the prompts and draw the generation orders (the settings are checked by `check_image_generation`)."""
+        height = self.config.image_size if height is None else height
+        width = self.config.image_size if width is None else width
         stride = self.config.vae_stride
-        if height <= 0 or width <= 0 or height % stride or width % stride:
-            raise ValueError(f"height and width must be positive multiples of {stride}, got {height}x{width}")
         num_prompts = input_ids.shape[0]
         if guidance_scale != 1.0 and num_prompts % 2:
             raise ValueError(f"guidance needs conditional and unconditional prompts in equal numbers, got {num_prompts}")
@@ -936,8 +985,6 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         generator: torch.Generator | None = None,
     ) -> HarmonGenerationState:
         """Round `round_index` of `num_iter`: predict conditions for every token, sample the tokens whose turn it is."""
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
         batch, num_tokens = state.mask.shape
         num_masked_now = int(state.mask[0].sum())
         num_masked_next = num_masked_after_round(round_index, num_iter, num_tokens, num_masked_now)
@@ -980,8 +1027,12 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         1 = generate) regenerates only the masked tokens. Returns pixels (b, 3, H, W), nominally in [-1, 1], or the
         latents (b, h, w, c) with `output_type="latent"`.
         """
-        if num_iter < 1:
-            raise ValueError(f"num_iter must be at least 1, got {num_iter}")
+        height = self.config.image_size if height is None else height
+        width = self.config.image_size if width is None else width
+        if num_inference_steps is None:
+            num_inference_steps = self.config.num_inference_steps
+        self.check_image_generation(input_ids.shape[1], height, width, num_iter, guidance_scale, guidance_schedule,
+                                    temperature, num_inference_steps)
         state = self.prepare_image_generation(
             input_ids, attention_mask, height, width, guidance_scale, generator, image_latents, mask
         )

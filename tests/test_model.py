@@ -196,7 +196,7 @@ def test_placeholder_count_must_match_the_images(tiny_model, golden):
 
 def test_bad_generation_arguments(tiny_model):
     input_ids, attention_mask = _generation_prompts()
-    with pytest.raises(ValueError, match="multiples of 16, got 40x64"):
+    with pytest.raises(ValueError, match="height must be a positive multiple of 16, got 40"):
         tiny_model.generate_images(input_ids, attention_mask, height=40, width=64)
     with pytest.raises(ValueError, match="equal numbers, got 3"):
         tiny_model.generate_images(input_ids[:3], attention_mask[:3], height=64, width=64)
@@ -363,3 +363,32 @@ def test_diffusion_loss_follows_the_prediction_type(tiny_model):
     bad.diffusion_prediction_type = "sample"
     with pytest.raises(ValueError, match="'sample'.*epsilon.*v_prediction|epsilon.*v_prediction.*'sample'"):
         HarmonModel(bad)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        # Zero used to mean "the default" silently; NaN and inf used to give a black image.
+        (dict(height=0), "height must be a positive multiple of 16, got 0"),
+        (dict(num_inference_steps=0), "num_inference_steps must be a positive integer, got 0"),
+        (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
+        (dict(temperature=float("inf")), r"temperature must be a finite number >= 0, got inf"),
+        # 100000 px would allocate gigabytes; the LLM has 4096 positions.
+        (dict(height=100000, width=100000), "a 100000x100000 image after a 4-token prompt needs 39062508 positions, "
+                                            "more than the LLM's 4096"),
+    ],
+)
+def test_sampling_settings_outside_the_rules_are_refused(tiny_model, settings, message):
+    input_ids, attention_mask = _generation_prompts()
+    with pytest.raises(ValueError, match=message):
+        tiny_model.generate_images(input_ids, attention_mask, **{"num_iter": 1, "num_inference_steps": 2, **settings})
+
+
+def test_sequences_beyond_the_llms_positions_are_refused(tiny_model):
+    """Past max_position_embeddings RoPE runs on without an error and the outputs are garbage."""
+    limit = tiny_model.config.text_config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"the sequence needs {limit + 1} positions, more than the LLM's {limit}"):
+        tiny_model(input_ids=torch.ones(1, limit + 1, dtype=torch.long))
+    cache = tiny_model(input_ids=torch.ones(1, limit, dtype=torch.long), use_cache=True).cache
+    with pytest.raises(ValueError, match=f"needs {limit + 1} positions"):
+        tiny_model(input_ids=torch.ones(1, 1, dtype=torch.long), cache=cache)

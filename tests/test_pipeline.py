@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -132,11 +134,36 @@ def test_callback_and_interrupt(pipe):
         (dict(num_iter=0), "num_iter must be a positive integer, got 0"),
         (dict(image=Image.new("RGB", (64, 64))), "both image and mask_image"),
         (dict(guidance_schedule="cosine"), "guidance_schedule must be one of"),
+        (dict(height=0), "height must be a positive multiple of 16, got 0"),
+        (dict(num_inference_steps=0), "num_inference_steps must be a positive integer, got 0"),
+        (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number, got inf"),
+        (dict(temperature=float("nan")), "temperature must be a finite number >= 0, got nan"),
+        (dict(height=100000), "a 100000x64 image after a 24-token prompt needs 25028 positions, more than the LLM's 4096"),
+        (dict(prompt="red " * 5000), r"a 64x64 image after a \d+-token prompt needs \d+ positions, more than the LLM's"),
     ],
 )
 def test_bad_arguments(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        pipe("a red circle", **kwargs)
+        pipe(**{"prompt": "a red circle", **kwargs})
+
+
+def test_an_oversized_inpainting_request_is_refused_before_the_image_is_resized(pipe, monkeypatch):
+    monkeypatch.setattr(pipe, "prepare_inpainting", lambda *args: pytest.fail("the image was prepared"))
+    image, mask = Image.new("RGB", (64, 64)), Image.new("L", (64, 64), 255)
+    with pytest.raises(ValueError, match="more than the LLM's 4096"):
+        pipe("x", image=image, mask_image=mask, height=8192, width=8192)
+
+
+def test_threads_sharing_a_pipeline_each_get_their_own_images(pipe):
+    """The scheduler is state of the call in progress: two threads at once must not mix their steps."""
+    def draw(steps):
+        return pipe("a red circle", num_iter=4, num_inference_steps=steps, output_type="np", generator=_seed()).images
+
+    alone = [draw(steps) for steps in (40, 25)]
+    with ThreadPoolExecutor(2) as threads:
+        together = list(threads.map(draw, (40, 25)))
+    for image, expected in zip(together, alone):
+        assert np.array_equal(image, expected)
 
 
 def test_empty_mask_is_refused(pipe):
@@ -184,7 +211,8 @@ def test_one_folder_serves_auto_classes_remote_code_and_the_pipeline(pipe, tmp_p
 
 
 def test_streamed_answer_equals_the_generated_one(pipe, capsys):
-    from harmon_hf.cli import image_question, stream_answer
+    from harmon_hf.answering import image_question
+    from harmon_hf.cli import stream_answer
 
     image = Image.new("RGB", (48, 64), (0, 128, 255))
     messages = [image_question("What colour is it?")]
@@ -198,7 +226,7 @@ def test_streamed_answer_equals_the_generated_one(pipe, capsys):
 
 
 def test_multi_turn_chat_keeps_the_image_and_history(pipe):
-    from harmon_hf.cli import image_question
+    from harmon_hf.answering import image_question
 
     messages = [image_question("Colour?"), {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Shape?"}]
     text = pipe.processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -214,3 +242,41 @@ def test_from_pretrained_without_a_name_needs_the_bundled_model(monkeypatch):
     monkeypatch.setattr(harmon_hf, "bundled_model_path", lambda: None)
     with pytest.raises(ValueError, match="no model given and no bundled model is installed"):
         HarmonPipeline.from_pretrained()
+
+
+def test_answers_stop_where_the_llms_positions_end(pipe, monkeypatch):
+    from harmon_hf.answering import answer, image_question
+
+    image, messages = Image.new("RGB", (64, 64)), [image_question("What colour is it?")]
+    prompt = pipe.processor(text=pipe.processor.apply_chat_template(messages, add_generation_prompt=True), images=image)
+    prompt_length = prompt["input_ids"].shape[1]
+    asked = {}
+    generate = pipe.model.generate
+    monkeypatch.setattr(pipe.model, "generate", lambda **kwargs: asked.update(kwargs) or generate(**kwargs))
+    text_config = pipe.model.config.text_config
+    monkeypatch.setattr(text_config, "max_position_embeddings", prompt_length + 3)
+    answer(pipe, messages, [image], max_new_tokens=50)
+    assert asked["max_new_tokens"] == 3
+    monkeypatch.setattr(text_config, "max_position_embeddings", prompt_length)
+    with pytest.raises(ValueError, match=f"the conversation and its answer needs {prompt_length + 1} positions"):
+        answer(pipe, messages, [image], max_new_tokens=50)
+
+
+def test_a_failing_streamed_answer_raises_instead_of_hanging(pipe):
+    """An error in the generation thread used to leave the streamer, and `harmon describe`, waiting forever."""
+    from harmon_hf.answering import image_question
+    from harmon_hf.cli import stream_answer
+
+    outcome = {}
+
+    def ask():
+        try:
+            stream_answer(pipe, [image_question("Colour?")], [Image.new("RGB", (64, 64))], max_new_tokens=0)
+        except ValueError as error:
+            outcome["error"] = str(error)
+
+    worker = threading.Thread(target=ask, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "stream_answer hangs"
+    assert outcome["error"] == "max_new_tokens must be a positive integer, got 0"

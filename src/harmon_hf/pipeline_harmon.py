@@ -1,5 +1,6 @@
 """HarmonPipeline: text-to-image generation and inpainting with Harmon, in diffusers' conventions."""
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from diffusers.utils import BaseOutput
 from transformers import AutoModel, AutoProcessor
 
 from .modeling import HarmonDiffusionScheduler, HarmonForConditionalGeneration, HarmonProcessor
-from .modeling.modeling_harmon import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_ITER, GUIDANCE_SCHEDULES
+from .modeling.modeling_harmon import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_ITER
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -42,6 +43,9 @@ class HarmonPipeline(DiffusionPipeline):
         if scheduler is None:
             scheduler = HarmonDiffusionScheduler.from_config(model.model.noise_scheduler.config)
         self.register_modules(model=model, processor=processor, scheduler=scheduler)
+        # The scheduler and the interrupt flag are state of the call in progress: calls from several threads take
+        # turns (re-entrant, so that a callback may call the pipeline).
+        self._call_lock = threading.RLock()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path=None, torch_dtype=None, trust_remote_code=False, **kwargs):
@@ -60,8 +64,16 @@ class HarmonPipeline(DiffusionPipeline):
         scheduler = None
         if (Path(pretrained_model_name_or_path) / "scheduler").is_dir():
             config = HarmonDiffusionScheduler.load_config(pretrained_model_name_or_path, subfolder="scheduler")
-            name = config["_class_name"]
-            scheduler_class = HarmonDiffusionScheduler if name == HarmonDiffusionScheduler.__name__ else getattr(diffusers, name)
+            name = config.get("_class_name")
+            if name == HarmonDiffusionScheduler.__name__:
+                scheduler_class = HarmonDiffusionScheduler
+            elif isinstance(name, str) and name.endswith("Scheduler") and hasattr(diffusers, name):
+                scheduler_class = getattr(diffusers, name)
+            else:
+                raise ValueError(
+                    f"{Path(pretrained_model_name_or_path) / 'scheduler'}: _class_name must name a diffusers scheduler "
+                    f"or {HarmonDiffusionScheduler.__name__}, got {name!r}"
+                )
             scheduler = scheduler_class.from_config(config)
         return cls(model=model.eval(), processor=processor, scheduler=scheduler)
 
@@ -75,8 +87,9 @@ class HarmonPipeline(DiffusionPipeline):
     def interrupt(self) -> bool:
         return getattr(self, "_interrupt", False)
 
-    def check_inputs(self, prompt, negative_prompt, height, width, num_iter, guidance_schedule, num_inference_steps,
-                     num_images_per_prompt, output_type, image, mask_image, callback_on_step_end_tensor_inputs):
+    def check_inputs(self, prompt, negative_prompt, num_images_per_prompt, output_type, image, mask_image,
+                     callback_on_step_end_tensor_inputs):
+        """The pipeline's own inputs; the sampling settings are the model's to check (`check_image_generation`)."""
         if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
             raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
         if isinstance(prompt, list) and not prompt:
@@ -84,16 +97,8 @@ class HarmonPipeline(DiffusionPipeline):
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             if len(negative_prompt) != (1 if isinstance(prompt, str) else len(prompt)):
                 raise ValueError("negative_prompt must be one string or one per prompt")
-        stride = self.model.config.vae_stride
-        for name, value in (("height", height), ("width", width)):
-            if value <= 0 or value % stride:
-                raise ValueError(f"{name} must be a positive multiple of {stride}, got {value}")
-        for name, value in (("num_iter", num_iter), ("num_inference_steps", num_inference_steps),
-                            ("num_images_per_prompt", num_images_per_prompt)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if (image is None) != (mask_image is None):
@@ -174,7 +179,8 @@ class HarmonPipeline(DiffusionPipeline):
     ) -> HarmonPipelineOutput | tuple:
         r"""
         Generate images from `prompt`, or regenerate the white region of `mask_image` in `image` (inpainting;
-        outpainting with `prepare_outpainting`).
+        outpainting with `prepare_outpainting`). One pipeline serves one call at a time: calls from several threads
+        wait for each other, and each gets the images it would get alone.
 
         Args:
             prompt: the text, or a list of texts.
@@ -191,18 +197,30 @@ class HarmonPipeline(DiffusionPipeline):
             callback_on_step_end: `callback(pipe, round_index, num_masked, {"tokens": ...})` after each round; it
                 may return `{"tokens": ...}` to replace them. Set `pipe._interrupt = True` to stop early.
         """
-        # 1. Check inputs
-        if image is not None:
-            width, height = width or image.width, height or image.height
-        height = height or self.model.config.image_size
-        width = width or self.model.config.image_size
-        num_inference_steps = num_inference_steps or self.model.config.num_inference_steps
-        self.check_inputs(prompt, negative_prompt, height, width, num_iter, guidance_schedule, num_inference_steps,
-                          num_images_per_prompt, output_type, image, mask_image, callback_on_step_end_tensor_inputs)
+        with self._call_lock:
+            return self._generate(
+                prompt, negative_prompt, height, width, num_iter, guidance_scale, guidance_schedule, temperature,
+                num_inference_steps, num_images_per_prompt, generator, image, mask_image, output_type, return_dict,
+                callback_on_step_end, callback_on_step_end_tensor_inputs,
+            )
+
+    def _generate(self, prompt, negative_prompt, height, width, num_iter, guidance_scale, guidance_schedule,
+                  temperature, num_inference_steps, num_images_per_prompt, generator, image, mask_image, output_type,
+                  return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs):
+        # 1. Check inputs (None: `image`'s size, else the model's defaults)
+        default_size = self.model.config.image_size
+        height = height if height is not None else image.height if image is not None else default_size
+        width = width if width is not None else image.width if image is not None else default_size
+        if num_inference_steps is None:
+            num_inference_steps = self.model.config.num_inference_steps
+        self.check_inputs(prompt, negative_prompt, num_images_per_prompt, output_type, image, mask_image,
+                          callback_on_step_end_tensor_inputs)
         self._interrupt = False
 
-        # 2. Encode the prompt
+        # 2. Encode the prompt, and check the settings against it before any compute
         input_ids, attention_mask = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, guidance_scale)
+        self.model.check_image_generation(input_ids.shape[1], height, width, num_iter, guidance_scale,
+                                          guidance_schedule, temperature, num_inference_steps)
         batch = input_ids.shape[0] // (2 if guidance_scale != 1.0 else 1)
 
         # 3. Prepare the prompt cache, the tokens to keep (inpainting), the orders and the diffusion sampler

@@ -33,7 +33,7 @@ import random
 
 import torch
 
-from ..cli import image_question
+from ..answering import image_question
 from .cases import understanding_cases
 from .evaluate import answer_questions
 from .vae import render_pixels

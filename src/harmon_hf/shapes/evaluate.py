@@ -6,7 +6,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ..cli import answer_stop_ids, image_question
+from ..answering import answer_stop_ids, image_question
 from .cases import GENERATION_CATEGORIES, generation_cases, understanding_cases
 from .world import QUESTION_TYPES
 
