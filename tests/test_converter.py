@@ -1,14 +1,17 @@
 """The converter: every released tensor is mapped, any configuration of the reference schema converts, and a
 checkpoint that does not fit is refused with a clear error before anything is written."""
 
+import errno
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from conftest import GOLDEN, REFERENCE
+from conftest import GOLDEN, REFERENCE, run_harmon
 from harmon_hf import HarmonConfig
 from harmon_hf.convert import HARMON_RULES, build_model, convert, rename, resolve_config, vae_rules
 from reference_layout import random_release, release_shapes, variant
@@ -166,6 +169,158 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "no such file" in result.stderr and "Traceback" not in result.stderr
+
+
+class _NotATensor:
+    """An object a release file must not hold: unpickling it could run code."""
+
+
+def _nonfinite_checkpoint(tmp_path):
+    """The golden tiny checkpoint with a NaN in one tensor and an inf in another."""
+    state = torch.load(GOLDEN / "harmon_tiny.pth", weights_only=True)
+    state["llm.model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
+    state["mar.decoder_embed.weight"][1] = float("inf")
+    torch.save(state, tmp_path / "nonfinite.pth")
+    return tmp_path / "nonfinite.pth"
+
+
+def _convert_arguments(tmp_path, **overrides) -> list:
+    """`harmon convert` of the golden tiny release into tmp_path/out, with some options changed."""
+    options = {"checkpoint": GOLDEN / "harmon_tiny.pth", "vae": GOLDEN / "kl_tiny.ckpt",
+               "config": GOLDEN / "config.json", "output": tmp_path / "out", **overrides}
+    return ["convert", *(part for option, value in options.items() for part in (f"--{option}", value))]
+
+
+def _existing_file_as_output(tmp_path):
+    (tmp_path / "model").write_text("not a folder")
+    return {"output": tmp_path / "model"}, r"--output .*model is a file: give a folder"
+
+
+def _output_under_a_file(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    return {"output": tmp_path / "file" / "model"}, r"cannot write .*file/model: .*file is not a writable folder"
+
+
+def _nonfinite_tensors(tmp_path):
+    return {"checkpoint": _nonfinite_checkpoint(tmp_path)}, (
+        r"2 tensor\(s\) hold NaN or inf values \(.*nonfinite\.pth: llm\.model\.layers\.0\.mlp\.down_proj\.weight, "
+        r"mar\.decoder_embed\.weight\); pass --allow-nonfinite"
+    )
+
+
+def _truncated_checkpoint(tmp_path):
+    data = (GOLDEN / "harmon_tiny.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    return {"checkpoint": tmp_path / "truncated.pth"}, r"truncated\.pth is not a readable PyTorch checkpoint: \w"
+
+
+def _vae_of_pickled_objects(tmp_path):
+    torch.save({"model": {"encoder.conv_in.weight": _NotATensor()}}, tmp_path / "vae.ckpt")
+    return {"vae": tmp_path / "vae.ckpt"}, r"vae\.ckpt holds objects other than tensors \(.*_NotATensor\).*for safety"
+
+
+def _config_missing_a_key(tmp_path):
+    reference = json.loads((GOLDEN / "config.json").read_text())
+    del reference["mar"]["encoder_embed_dim"]
+    (tmp_path / "config.json").write_text(json.dumps(reference))
+    return {"config": tmp_path / "config.json"}, r"--config .*config\.json: missing key mar\.encoder_embed_dim$"
+
+
+def _missing_tokenizer(tmp_path):
+    return {"tokenizer": tmp_path / "no-tokenizer"}, r"cannot load the tokenizer .*no-tokenizer: \w"
+
+
+def _files(folder) -> dict:
+    return {path: path.read_bytes() if path.is_file() else None for path in folder.rglob("*")}
+
+
+@pytest.mark.parametrize(
+    "bad_input",
+    [_existing_file_as_output, _output_under_a_file, _nonfinite_tensors, _truncated_checkpoint,
+     _vae_of_pickled_objects, _config_missing_a_key, _missing_tokenizer],
+)
+def test_cli_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, bad_input):
+    overrides, message = bad_input(tmp_path)
+    files_before = _files(tmp_path)
+    result = run_harmon(*_convert_arguments(tmp_path, **overrides))
+    assert result.returncode == 1 and "Saved" not in result.stdout
+    assert result.stderr.startswith("harmon convert: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr and "weights_only=False" not in result.stderr
+    assert re.search(message, result.stderr.strip()), result.stderr
+    assert _files(tmp_path) == files_before  # nothing written, an existing file untouched
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ([1, 2], r"harmon\.pth holds a list, not a state dict"),
+        (torch.zeros(3), r"harmon\.pth holds a Tensor, not a state dict"),
+        ({"llm.lm_head.weight": torch.zeros(3), "epoch": 3, "optimizer": {}},
+         r"harmon\.pth is not a state dict: 2 entry\(ies\) are not tensors by name: "
+         r"'epoch' \(int\), 'optimizer' \(dict\)$"),
+    ],
+)
+def test_release_file_that_is_not_a_state_dict_is_refused(tmp_path, content, message):
+    torch.save(content, tmp_path / "harmon.pth")
+    with pytest.raises(ValueError, match=message):
+        convert(tmp_path / "harmon.pth", GOLDEN / "kl_tiny.ckpt", GOLDEN / "config.json")
+
+
+def test_nonfinite_tensors_are_refused_by_their_names_in_the_release(tmp_path):
+    vae = torch.load(GOLDEN / "kl_tiny.ckpt", weights_only=True)
+    vae["model"]["decoder.conv_out.bias"][0] = float("-inf")
+    torch.save(vae, tmp_path / "vae.ckpt")
+    message = r"^1 tensor\(s\) hold NaN or inf values \(.*vae\.ckpt: decoder\.conv_out\.bias\); pass --allow-nonfinite"
+    with pytest.raises(ValueError, match=message):
+        convert(GOLDEN / "harmon_tiny.pth", tmp_path / "vae.ckpt", GOLDEN / "config.json")
+
+    # All NaN: named as such, not reported as an lm_head that differs from the embeddings (NaN != NaN).
+    state = torch.load(GOLDEN / "harmon_tiny.pth", weights_only=True)
+    torch.save({name: torch.full_like(tensor, float("nan")) for name, tensor in state.items()}, tmp_path / "nan.pth")
+    message = rf"^{len(state)} tensor\(s\) hold NaN or inf values \(.*nan\.pth: llm\.model\.embed_tokens\.weight, "
+    with pytest.raises(ValueError, match=message) as error:
+        convert(tmp_path / "nan.pth", GOLDEN / "kl_tiny.ckpt", GOLDEN / "config.json")
+    assert "differs" not in str(error.value)
+    model = convert(tmp_path / "nan.pth", GOLDEN / "kl_tiny.ckpt", GOLDEN / "config.json", allow_nonfinite=True)
+    assert model.lm_head.weight.isnan().all()
+
+
+def test_allow_nonfinite_converts_anyway(tmp_path):
+    from harmon_hf.cli import main
+
+    assert main([*map(str, _convert_arguments(tmp_path, checkpoint=_nonfinite_checkpoint(tmp_path))),
+                 "--allow-nonfinite"]) == 0
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    assert weights["model.language_model.layers.0.mlp.down_proj.weight"][0, 0].isnan()
+    assert weights["model.mar_decoder.embed.weight"][1].isinf().all()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (lambda reference: "{not json", " is not a readable JSON file: Expecting property name"),
+        (lambda reference: "[1, 2]", ": the config must be a JSON object, got list$"),
+        (lambda reference: json.dumps({**reference, "vae": 16}), ": vae must be a JSON object, got int$"),
+        (lambda reference: json.dumps({key: value for key, value in reference.items() if key != "vae_scale"}),
+         ": missing key vae_scale$"),
+    ],
+)
+def test_bad_config_file_is_named_in_the_error(tmp_path, golden_reference_config, text, message):
+    path = tmp_path / "config.json"
+    path.write_text(text(golden_reference_config))
+    with pytest.raises(ValueError, match=f"^--config {re.escape(str(path))}{message}"):
+        resolve_config(path)
+
+
+def test_failure_to_write_the_folder_names_it(tmp_path, monkeypatch):
+    from harmon_hf import HarmonForConditionalGeneration
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(HarmonForConditionalGeneration, "save_pretrained", disk_full)
+    with pytest.raises(ValueError, match=f"^cannot write {re.escape(str(tmp_path / 'out'))}: No space left on device$"):
+        convert(GOLDEN / "harmon_tiny.pth", GOLDEN / "kl_tiny.ckpt", GOLDEN / "config.json", output=tmp_path / "out")
 
 
 def test_converted_folder_is_safetensors_and_bfloat16_on_request(tmp_path):

@@ -1,10 +1,12 @@
 """Convert the released Harmon files (`harmon_*.pth` + `kl16.ckpt`) into a transformers model folder.
 
-Every tensor of the release is mapped by an explicit renaming rule; a tensor no rule maps, a tensor the model lacks
-or a shape the configuration contradicts stops the conversion before anything is written.
+Every tensor of the release is mapped by an explicit renaming rule; a tensor no rule maps, a tensor the model lacks,
+a shape the configuration contradicts or (unless allowed) a NaN or inf stops the conversion before anything is written.
 """
 
 import json
+import os
+import pickle
 import re
 from pathlib import Path
 
@@ -93,9 +95,26 @@ def rename(state_dict: dict, rules: list) -> tuple[dict, list[str]]:
     return renamed, unmatched
 
 
+class _Section(dict):
+    """An object of the reference schema whose missing keys raise ValueError with their dotted name."""
+
+    def __init__(self, values, path: tuple = ()):
+        if not isinstance(values, dict):
+            raise ValueError(f"{'.'.join(path) or 'the config'} must be a JSON object, got {type(values).__name__}")
+        super().__init__(values)
+        self.path = path
+
+    def __missing__(self, key):
+        raise ValueError(f"missing key {'.'.join((*self.path, key))}")
+
+    def section(self, key: str) -> "_Section":
+        return _Section(self[key], (*self.path, key))
+
+
 def config_from_reference(reference: dict) -> HarmonConfig:
     """A `HarmonConfig` from the reference's constructor arguments (the schema of golden/config.json)."""
-    llm, mar, vae = reference["llm"], reference["mar"], reference["vae"]
+    reference = _Section(reference)
+    llm, mar, vae = reference.section("llm"), reference.section("mar"), reference.section("vae")
     num_levels = len(vae["ch_mult"])
     vae_stride = 2 ** (num_levels - 1)
     if mar.get("patch_size", 1) != 1:
@@ -162,14 +181,66 @@ def resolve_config(config: "str | Path | dict | HarmonConfig") -> HarmonConfig:
     path = Path(config)
     if not path.is_file():
         raise ValueError(f"--config must be 0.5b, 1.5b or a JSON file, got {str(config)!r} (no such file)")
-    return config_from_reference(json.loads(path.read_text()))
+    try:
+        reference = json.loads(path.read_text())
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"--config {path} is not a readable JSON file: {error}") from error
+    try:
+        return config_from_reference(reference)
+    except ValueError as error:
+        raise ValueError(f"--config {path}: {error}") from error
 
 
-def load_release_state_dict(checkpoint: "str | Path", vae: "str | Path", config: HarmonConfig) -> dict:
-    """Both release files, renamed to this model's names; raises ValueError on any tensor left unmapped."""
-    harmon_state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    vae_file = torch.load(vae, map_location="cpu", weights_only=True)
-    vae_state = vae_file.get("model", vae_file) if isinstance(vae_file, dict) else vae_file
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (library messages run to paragraphs), or its type for an empty one."""
+    return next(iter(str(error).strip().splitlines()), type(error).__name__)
+
+
+def load_release_file(path: "str | Path") -> dict:
+    """The tensors of a release file by name (an LDM checkpoint keeps them under "model"), loaded weights only.
+
+    Raises ValueError naming the file when it cannot be read, holds anything but tensors, or is not a state dict.
+    """
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message advises weights_only=False, which would run whatever code the file holds: never an option.
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        what = f" ({found[1]})" if found else ""
+        raise ValueError(f"{path} holds objects other than tensors{what}, or is damaged; "
+                         "it is not loaded, for safety") from None
+    except Exception as error:  # a damaged file surfaces as RuntimeError, EOFError, KeyError...: all are the file's
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {_first_line(error)}") from error
+    if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
+        loaded = loaded["model"]
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict (tensors by name)")
+    others = [f"{name!r} ({type(value).__name__})" for name, value in loaded.items()
+              if not (isinstance(name, str) and isinstance(value, torch.Tensor))]
+    if others:
+        raise ValueError(f"{path} is not a state dict: {len(others)} entry(ies) are not tensors by name: "
+                         f"{', '.join(others[:10])}")
+    return loaded
+
+
+def load_release_state_dict(
+    checkpoint: "str | Path", vae: "str | Path", config: HarmonConfig, allow_nonfinite: bool = False
+) -> dict:
+    """Both release files, renamed to this model's names; raises ValueError on any tensor left unmapped and, unless
+    `allow_nonfinite`, on any tensor holding NaN or inf."""
+    harmon_state, vae_state = load_release_file(checkpoint), load_release_file(vae)
+    if not allow_nonfinite:
+        # Named as in the user's files, so that they can be found there.
+        nonfinite = [
+            (path, [name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()])
+            for path, tensors in ((checkpoint, harmon_state), (vae, vae_state))
+        ]
+        count = sum(len(names) for _, names in nonfinite)
+        if count:
+            listing = "; ".join(f"{path}: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}"
+                                for path, names in nonfinite if names)
+            raise ValueError(f"{count} tensor(s) hold NaN or inf values ({listing}); "
+                             "pass --allow-nonfinite to convert anyway")
     state_dict, unknown = rename(harmon_state, HARMON_RULES)
     vae_renamed, vae_unknown = rename(vae_state, vae_rules(len(config.vae_config["block_out_channels"])))
     state_dict.update(vae_renamed)
@@ -177,6 +248,14 @@ def load_release_state_dict(checkpoint: "str | Path", vae: "str | Path", config:
     if unknown:
         raise ValueError(f"{len(unknown)} tensor(s) of the release map to nothing in Harmon: {', '.join(unknown[:10])}")
     return state_dict
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """`torch.equal`, but NaN equals NaN: a tied head holding the embeddings' NaNs (see `allow_nonfinite`) is theirs."""
+    if torch.equal(a, b):
+        return True
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
 
 
 def build_model(state_dict: dict, config: HarmonConfig) -> HarmonForConditionalGeneration:
@@ -187,7 +266,7 @@ def build_model(state_dict: dict, config: HarmonConfig) -> HarmonForConditionalG
     tied_head = "lm_head.weight"
     if config.tie_word_embeddings and tied_head in state_dict:
         embedding = state_dict["model.language_model.embed_tokens.weight"]
-        if not torch.equal(state_dict.pop(tied_head), embedding):
+        if not _same_values(state_dict.pop(tied_head), embedding):
             raise ValueError("The config ties the LM head to the embeddings, but the checkpoint's lm_head differs")
     # A 1x1 attention conv of the LDM VAE is a linear layer in diffusers.
     for name, tensor in state_dict.items():
@@ -224,6 +303,19 @@ def add_image_token(tokenizer, config: HarmonConfig):
     return tokenizer
 
 
+def check_output_folder(output: Path):
+    """Refuse a model folder that cannot be written, before the work of the conversion (transformers only logs an
+    error for a file and saves nothing)."""
+    try:
+        if output.exists() and not output.is_dir():
+            raise ValueError(f"--output {output} is a file: give a folder")
+        folder = next(path for path in (output, *output.parents) if path.exists())
+    except OSError as error:  # a folder on the way that may not be searched
+        raise ValueError(f"cannot write {output}: {error.strerror or error}") from error
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {output}: {folder} is not a writable folder")
+
+
 def convert(
     checkpoint: "str | Path",
     vae: "str | Path",
@@ -232,23 +324,37 @@ def convert(
     tokenizer: "str | None" = None,
     dtype: str = "float32",
     max_shard_size: "int | str" = MAX_SHARD_SIZE,
+    allow_nonfinite: bool = False,
 ) -> HarmonForConditionalGeneration:
-    """Convert a release checkpoint and VAE; with `output`, save the model (safetensors) and tokenizer there."""
+    """Convert a release checkpoint and VAE; with `output`, save the model (safetensors) and tokenizer there.
+
+    Tensors holding NaN or inf are refused unless `allow_nonfinite`.
+    """
     config = resolve_config(config)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     for path in (checkpoint, vae):
         if not Path(path).is_file():
             raise ValueError(f"no such file: {path}")
+    if output is not None:
+        output = Path(output)
+        check_output_folder(output)
     loaded_tokenizer = None
     if tokenizer is not None:
         from transformers import AutoTokenizer
 
-        loaded_tokenizer = add_image_token(AutoTokenizer.from_pretrained(tokenizer), config)
-    model = build_model(load_release_state_dict(checkpoint, vae, config), config)
+        try:
+            loaded_tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        except Exception as error:  # any failure to resolve or read a tokenizer is the user's tokenizer argument
+            raise ValueError(f"cannot load the tokenizer {tokenizer}: {_first_line(error)}") from error
+        add_image_token(loaded_tokenizer, config)
+    model = build_model(load_release_state_dict(checkpoint, vae, config, allow_nonfinite), config)
     model = model.to(getattr(torch, dtype))
     if output is not None:
-        model.save_pretrained(output, max_shard_size=max_shard_size)
-        if loaded_tokenizer is not None:
-            processor_for(config, loaded_tokenizer).save_pretrained(output)
+        try:
+            model.save_pretrained(output, max_shard_size=max_shard_size)
+            if loaded_tokenizer is not None:
+                processor_for(config, loaded_tokenizer).save_pretrained(output)
+        except OSError as error:  # a full disk, or a folder made unwritable since the check
+            raise ValueError(f"cannot write {output}: {error.strerror or error}") from error
     return model
