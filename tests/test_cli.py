@@ -1,6 +1,7 @@
 """The `harmon` command, run as users run it: a real subprocess."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -112,9 +113,24 @@ def test_prompts_file_in_geneval_layout_resumes_and_shards(harmon_folder, tmp_pa
     [
         (["describe", "missing.png", "--model", "MODEL"], "no such file: missing.png"),
         (["describe", "notes.txt", "--model", "MODEL"], "not an image: notes.txt"),
+        (["describe", "bomb.png", "--model", "MODEL"], "not an image: bomb.png"),
+        (["describe", "red.png", "--max-new-tokens", "0", "--model", "MODEL"], "--max-new-tokens must be at least 1"),
+        (["chat", "red.png", "--max-new-tokens", "-1", "--model", "MODEL"], "--max-new-tokens must be at least 1"),
         (["generate", "x", "--size", "50", "--model", "MODEL"], "height must be a positive multiple of 16, got 50"),
         (["generate", "x", "--size", "big", "--model", "MODEL"], "--size must be N or HxW"),
-        (["generate", "x", "--model", "/no/such/model"], "cannot load model '/no/such/model'"),
+        (["generate", "x", "--size", "\u00b2", "--model", "MODEL"], "--size must be N or HxW"),
+        # Zero used to mean "the default", NaN and inf gave black images, 100000 tried to allocate 20 GB.
+        (["generate", "x", "--size", "0", "--model", "MODEL"], "height must be a positive multiple of 16, got 0"),
+        (["generate", "x", "--steps", "0", "--model", "MODEL"], "num_inference_steps must be a positive integer, got 0"),
+        (["generate", "x", "--guidance", "nan", "--model", "MODEL"], "guidance_scale must be a finite number, got nan"),
+        (["generate", "x", "--temperature", "inf", "--model", "MODEL"], "temperature must be a finite number >= 0"),
+        (["generate", "x", "--size", "100000", "--model", "MODEL"], "positions, more than the LLM's 4096"),
+        (["inpaint", "red.png", "red.png", "x", "--guidance=-inf", "--model", "MODEL"], "guidance_scale must be"),
+        (["generate", "x", "-o", "folder", "--model", "MODEL"], "folder is a folder: give a file name"),
+        (["generate", "x", "-o", "notes.txt/out.png", "--model", "MODEL"], "notes.txt is not a writable folder"),
+        (["generate", "x", "-o", "out.pgn", "--model", "MODEL"], "cannot tell an image format from 'out.pgn'"),
+        (["generate", "x", "--model", "/no/such/model"], "no such model folder: /no/such/model"),
+        (["generate", "x", "--model", "./no-such-model"], "no such model folder: ./no-such-model"),
         (["generate", "--prompts", "missing.jsonl", "--model", "MODEL"], "no such file: missing.jsonl"),
         (["generate", "--model", "MODEL"], "give either a PROMPT or --prompts"),
     ],
@@ -122,8 +138,44 @@ def test_prompts_file_in_geneval_layout_resumes_and_shards(harmon_folder, tmp_pa
 def test_bad_input_exits_with_one_line(harmon_folder, tmp_path, monkeypatch, arguments, fragment):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("not a picture")
+    (tmp_path / "folder").mkdir()
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(tmp_path / "red.png")
+    Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png")  # 400 megapixels in a 50 kB file
     arguments = [str(harmon_folder) if argument == "MODEL" else argument for argument in arguments]
     assert_one_line_error(harmon(*arguments, env={"HARMON_MODEL": ""}), fragment)
+
+
+def test_chat_with_standard_input_closed_is_one_line_error(harmon_folder, tmp_path):
+    Image.new("RGB", (64, 64)).save(tmp_path / "image.png")
+    result = subprocess.run([sys.executable, "-m", "harmon_hf.cli", "chat", str(tmp_path / "image.png"), "--model",
+                             str(harmon_folder)], capture_output=True, text=True, timeout=300,
+                            preexec_fn=lambda: os.close(0))
+    assert_one_line_error(result, "chat reads the questions from standard input, which is closed")
+
+
+def test_the_output_suffix_chooses_the_format_and_no_partial_file_stays(harmon_folder, tmp_path):
+    result = harmon("generate", "x", "-o", tmp_path / "out.jpg", "--model", harmon_folder, *FAST)
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "out.jpg") as image:
+        assert image.format == "JPEG"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out.jpg"]
+
+
+def test_two_runs_on_one_prompts_folder_both_finish(harmon_folder, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"a red circle {index}"}) + "\n" for index in range(3)))
+    command = [sys.executable, "-m", "harmon_hf.cli", "generate", "--prompts", str(prompts), "--outdir",
+               str(tmp_path / "out"), "--model", str(harmon_folder), "--size", "32", *FAST]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for run in runs:
+        _, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr[-3000:]
+    files = sorted(path.relative_to(tmp_path / "out").as_posix() for path in (tmp_path / "out").rglob("*")
+                   if path.is_file())
+    assert files == [f"{index:05d}/{name}" for index in range(3) for name in ("metadata.jsonl", "samples/0000.png")]
+    for index in range(3):
+        with Image.open(tmp_path / "out" / f"{index:05d}" / "samples" / "0000.png") as image:
+            assert image.size == (32, 32)
 
 
 def test_no_model_anywhere_is_one_line_error(monkeypatch, capsys):

@@ -3,7 +3,9 @@
 import argparse
 import json
 import os
+import re
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -42,6 +44,8 @@ def load_pipeline(name: str | None, lora: str | None = None):
 
     name = name or default_model()
     transformers_logging.disable_progress_bar()  # loading is quick; keep stderr for progress of real work and errors
+    if not Path(name).is_dir() and (name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name):
+        raise CommandError(f"no such model folder: {name}")  # not a Hub id either, which is NAME or OWNER/NAME
     try:
         pipeline = HarmonPipeline.from_pretrained(name, torch_dtype=torch.float32)
     except Exception as error:  # any failure to resolve or read a model is the user's model argument
@@ -57,14 +61,14 @@ def load_pipeline(name: str | None, lora: str | None = None):
 
 
 def open_image(path: str):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if not Path(path).is_file():
         raise CommandError(f"no such file: {path}")
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
+    except (OSError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
         raise CommandError(f"not an image: {path} ({error})") from error
 
 
@@ -72,19 +76,49 @@ def parse_size(text: str | None) -> tuple[int | None, int | None]:
     """'512' or 'HxW' (e.g. 256x384) -> (height, width)."""
     if text is None:
         return None, None
-    parts = text.lower().split("x")
-    if len(parts) not in (1, 2) or not all(part.isdigit() for part in parts):
+    match = re.fullmatch(r"([0-9]+)(?:[xX]([0-9]+))?", text)  # ASCII digits: str.isdigit() also takes '²'
+    if match is None:
         raise CommandError(f"--size must be N or HxW in pixels, got {text!r}")
-    height, width = int(parts[0]), int(parts[-1])
-    return height, width
+    height = int(match[1])
+    return height, int(match[2] or height)
+
+
+def image_format(path: Path) -> str:
+    """The image format that `path`'s suffix names (PNG for .png, JPEG for .jpg, ...)."""
+    from PIL import Image
+
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None or image_format not in Image.SAVE:
+        raise CommandError(f"cannot tell an image format from {path.name!r}: end it in .png, .jpg or .webp")
+    return image_format
+
+
+def check_output(path: Path):
+    """Refuse an output path that cannot be written, before the work that would go into it."""
+    if path.is_dir():
+        raise CommandError(f"{path} is a folder: give a file name")
+    image_format(path)
+    folder = next(parent for parent in (path.parent, *path.parent.parents) if parent.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise CommandError(f"cannot write {path}: {folder} is not a writable folder")
 
 
 def atomic_save(image, path: Path):
-    """Write the PNG under a temporary name first, so an interrupted run never leaves a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".partial")
-    image.save(temporary, format="PNG")
-    os.replace(temporary, path)
+    """Write the image under a temporary name of its own first, so that neither an interrupted run nor another
+    process writing the same file leaves a partial one."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    except OSError as error:
+        raise CommandError(f"cannot write {path}: {error.strerror}") from error
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            image.save(file, format=image_format(path))
+        os.replace(temporary, path)
+    except OSError as error:
+        raise CommandError(f"cannot write {path}: {error.strerror or error}") from error
+    finally:
+        Path(temporary).unlink(missing_ok=True)
 
 
 # -- generate -------------------------------------------------------------------------------------------------------
@@ -123,6 +157,8 @@ def _generate(args):
     if args.prompts is not None:
         return _generate_batch(args)
     kwargs = _generation_kwargs(args)
+    for path in _output_paths(args.output, args.n):
+        check_output(path)
     pipeline = load_pipeline(args.model, args.lora)
     images = pipeline(args.prompt, generator=_generator(args.seed), **kwargs).images
     for image, path in zip(images, _output_paths(args.output, len(images))):
@@ -172,8 +208,11 @@ def _generate_batch(args):
     pipeline.set_progress_bar_config(disable=True)
     for index in tqdm(todo, desc=f"prompts (process {state.process_index})", disable=not state.is_local_main_process):
         folder = outdir / f"{index:05d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "metadata.jsonl").write_text(json.dumps(entries[index]) + "\n")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "metadata.jsonl").write_text(json.dumps(entries[index]) + "\n")
+        except OSError as error:
+            raise CommandError(f"cannot write to {folder}: {error.strerror}") from error
         images = pipeline(entries[index]["prompt"], generator=_generator(args.seed + index), **kwargs).images
         for image, path in zip(images, _sample_paths(outdir, index, args.n)):
             atomic_save(image, path)
@@ -187,45 +226,53 @@ def _sample_paths(outdir: Path, index: int, count: int) -> list[Path]:
 # -- understanding --------------------------------------------------------------------------------------------------
 
 
-def answer_stop_ids(tokenizer) -> list[int]:
-    """Token ids that end an answer: the end of the assistant's turn, or of the text."""
-    return tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-
-
 def stream_answer(pipeline, messages, images, max_new_tokens: int) -> str:
-    """Generate the assistant's answer to `messages`, printing it token by token; returns the full answer."""
+    """Print the assistant's answer to `messages` token by token as it is generated; returns the whole answer."""
     from transformers import TextIteratorStreamer
 
-    processor, model = pipeline.processor, pipeline.model
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(text=text, images=images).to(model.device)
-    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    stop_ids = answer_stop_ids(processor.tokenizer)
-    thread = threading.Thread(
-        target=model.generate,
-        kwargs=dict(**inputs, streamer=streamer, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids),
-    )
+    from .answering import answer
+
+    streamer = TextIteratorStreamer(pipeline.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    outcome = {}
+
+    def generate():
+        try:
+            outcome["answer"] = answer(pipeline, messages, images, max_new_tokens, streamer=streamer)
+        except BaseException as error:  # raised again below; the streamer must still end, or the loop waits forever
+            outcome["error"] = error
+            streamer.end()
+
+    thread = threading.Thread(target=generate, daemon=True)
     thread.start()
-    pieces = []
     for piece in streamer:
-        pieces.append(piece)
         print(piece, end="", flush=True)
     thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
     print()
-    return "".join(pieces).strip()
+    return outcome["answer"]
 
 
-def image_question(question: str) -> dict:
-    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+def _check_max_new_tokens(args):
+    if args.max_new_tokens < 1:
+        raise CommandError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
 
 
 def _describe(args):
+    from .answering import image_question
+
+    _check_max_new_tokens(args)
     image = open_image(args.image)
     pipeline = load_pipeline(args.model)
     stream_answer(pipeline, [image_question(args.question)], [image], args.max_new_tokens)
 
 
 def _chat(args):
+    from .answering import image_question
+
+    _check_max_new_tokens(args)
+    if sys.stdin is None or sys.stdin.closed:
+        raise CommandError("chat reads the questions from standard input, which is closed")
     image = open_image(args.image)
     pipeline = load_pipeline(args.model)
     messages = []
@@ -239,8 +286,8 @@ def _chat(args):
             break
         messages.append(image_question(question) if not messages else {"role": "user", "content": question})
         print("harmon> ", end="", flush=True)
-        answer = stream_answer(pipeline, messages, [image], args.max_new_tokens)
-        messages.append({"role": "assistant", "content": answer})
+        reply = stream_answer(pipeline, messages, [image], args.max_new_tokens)
+        messages.append({"role": "assistant", "content": reply})
 
 
 def _inpaint(args):
@@ -248,9 +295,9 @@ def _inpaint(args):
     if image.size != mask.size:
         raise CommandError(f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}")
     kwargs = _generation_kwargs(args)
+    for path in _output_paths(args.output, args.n):
+        check_output(path)
     pipeline = load_pipeline(args.model)
-    kwargs["height"] = kwargs["height"] or image.height
-    kwargs["width"] = kwargs["width"] or image.width
     images = pipeline(args.prompt, image=image, mask_image=mask, generator=_generator(args.seed),
                       **kwargs).images
     for result, path in zip(images, _output_paths(args.output, len(images))):
@@ -309,7 +356,7 @@ def _convert(args):
     from .convert import convert
 
     convert(checkpoint=args.checkpoint, vae=args.vae, config=args.config, output=args.output,
-            tokenizer=args.tokenizer, dtype=args.dtype)
+            tokenizer=args.tokenizer, dtype=args.dtype, allow_nonfinite=args.allow_nonfinite)
     print(f"Saved the converted model to {args.output}")
 
 
@@ -431,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "the processor is saved beside the model")
     convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
     convert.add_argument("--output", required=True, help="folder to write the model to")
+    convert.add_argument("--allow-nonfinite", action="store_true",
+                         help="convert even when tensors hold NaN or inf values (refused by default)")
     convert.set_defaults(run=_convert)
     return parser
 

@@ -15,11 +15,14 @@ from typing import NamedTuple
 import gradio as gr
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
+from gradio.utils import get_upload_folder, is_in_or_equal
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from .cli import CommandError, answer_stop_ids, image_question, load_pipeline
+from .answering import answer, image_question
+from .cli import CommandError, load_pipeline
 from .pipeline_harmon import HarmonPipeline
 
 
@@ -31,6 +34,12 @@ MAX_DIFFUSION_STEPS = 1000
 MAX_NEW_TOKENS = 1024
 MAX_SEED = 2**31 - 1
 MAX_UPLOAD_SIZE = "10mb"
+# Texts are capped before they reach the model: the LLM's memory grows with the square of the prompt's length, and
+# a 100,000-character prompt took a server to 6.3 GB. The model refuses what exceeds its positions on top of this.
+MAX_PROMPT_CHARACTERS = 1000  # a prompt, a negative prompt, a question
+MAX_CONVERSATION_CHARACTERS = 8000  # a chat's earlier turns and the new question together
+# A picture of more pixels is refused before it is decoded (a small file can declare a huge image).
+MAX_INPUT_PIXELS = 4096 * 4096
 # Requests waiting beyond this many are turned away with "queue full" rather than waiting for minutes.
 MAX_QUEUE_SIZE = 32
 DEFAULT_NEW_TOKENS = 256
@@ -52,6 +61,40 @@ def _pipeline_default(name: str):
 def _user_error(message: str) -> gr.Error:
     """An error in what the user asked: its message shows in the page, and no stack trace in the page or the log."""
     return gr.Error(message, print_exception=False)
+
+
+def _check_length(name: str, text: str | None, limit: int = MAX_PROMPT_CHARACTERS):
+    if text is not None and len(text) > limit:
+        raise _user_error(f"The {name} has {len(text)} characters; at most {limit} are accepted.")
+
+
+def _read_uploaded_image(payload) -> PIL.Image.Image | None:
+    """The image input's reading of a request: an uploaded file only, as an RGB PIL image.
+
+    `gr.Image` opens whatever server path a request names when the payload lacks Gradio's file marker, which skips
+    Gradio's own check that the file was uploaded; and a file that is no image, or a decompression bomb, would end
+    in a bare "Error".
+    """
+    if payload is None:
+        return None
+    if payload.path is None or not is_in_or_equal(payload.path, get_upload_folder()):
+        raise _user_error("Upload the image: only files uploaded to this app are read.")
+    try:
+        with PIL.Image.open(payload.path) as image:
+            if image.width * image.height > MAX_INPUT_PIXELS:  # checked from the header, before decoding
+                raise _user_error(f"The image is {image.width}x{image.height} pixels; at most {MAX_INPUT_PIXELS:,} "
+                                  "pixels are accepted.")
+            return PIL.ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, PIL.Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
+        raise _user_error(f"The file is not an image this app can read ({type(error).__name__}).") from None
+
+
+def _uploaded_image(**options) -> gr.Image:
+    """A `gr.Image` that reads requests with `_read_uploaded_image`. (Set on the instance: a subclass of a Gradio
+    component makes Gradio write a .pyi file beside this module at import.)"""
+    image = gr.Image(type="pil", **options)
+    image.preprocess = _read_uploaded_image
+    return image
 
 
 class StopButton:
@@ -79,7 +122,9 @@ class StopButton:
         with self._lock:
             self._stopped_up_to[request.session_hash] = self._runs_asked.get(request.session_hash, 0)
 
-    def is_pressed_for(self, request: gr.Request, run_number: int) -> bool:
+    def is_pressed_for(self, request: gr.Request, run_number: int | None) -> bool:
+        if run_number is None:  # a direct API call: not numbered by a click, so no Stop of a page can reach it
+            return False
         return run_number <= self._stopped_up_to.get(request.session_hash, 0)
 
     def forget(self, request: gr.Request):
@@ -244,25 +289,26 @@ class HarmonDemo:
         already in `history`, token by token."""
         if image is None:
             raise _user_error("Upload an image to ask about.")
-        if not question.strip():
+        if not question or not question.strip():
             raise _user_error("Type a question.")
-        turns = [{"role": message["role"], "content": _text(message)} for message in history]
+        _check_length("question", question)
+        turns = [{"role": message["role"], "content": _text(message)} for message in history or []]
         turns.append({"role": "user", "content": question})
+        _check_length("conversation", "".join(turn["content"] for turn in turns), MAX_CONVERSATION_CHARACTERS)
         messages = [image_question(turns[0]["content"]), *turns[1:]]  # the image belongs to the first question
 
         def work(report, should_stop):
-            processor, model = self.pipeline.processor, self.pipeline.model
-            inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True),
-                               images=[image.convert("RGB")]).to(model.device)
-            model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                           eos_token_id=answer_stop_ids(processor.tokenizer),
-                           streamer=_AnswerStreamer(processor.tokenizer, report),
-                           stopping_criteria=StoppingCriteriaList([_StopWhen(should_stop)]))
+            streamer = _AnswerStreamer(self.pipeline.processor.tokenizer, report)
+            answer(self.pipeline, messages, [image], max_new_tokens, streamer=streamer,
+                   stopping_criteria=StoppingCriteriaList([_StopWhen(should_stop)]))
 
         yield turns + [{"role": "assistant", "content": ""}], ""
-        with BackgroundRun(work, self.lock, self._stop_requested("understand", request, run_number)) as run:
-            for answer in run:
-                yield turns + [{"role": "assistant", "content": answer}], gr.skip()
+        try:
+            with BackgroundRun(work, self.lock, self._stop_requested("understand", request, run_number)) as run:
+                for answer_so_far in run:
+                    yield turns + [{"role": "assistant", "content": answer_so_far}], gr.skip()
+        except ValueError as error:  # the checks of the conversation's length and the answer's settings
+            raise _user_error(str(error)) from error
 
     # -- shared steps ----------------------------------------------------------------------------------------------
 
@@ -270,8 +316,8 @@ class HarmonDemo:
         return lambda: self.stop_buttons[tab].is_pressed_for(request, run_number)
 
     @staticmethod
-    def _seed(seed: int, randomize: bool) -> int:
-        return random.randint(0, MAX_SEED) if randomize else seed
+    def _seed(seed: int | None, randomize: bool) -> int:
+        return random.randint(0, MAX_SEED) if randomize or seed is None else seed
 
     def _inpainting_size(self, image: PIL.Image.Image) -> tuple[int, int]:
         """(height, width) to inpaint `image` at: the model's image size for the longer side, the aspect ratio kept,
@@ -284,8 +330,10 @@ class HarmonDemo:
         """Runs the pipeline in the background, showing each finished round in `progress`, until it ends or
         `stop_requested()`. Before the first round and after each one it yields (no change, seed) for the handler's
         outputs (images, seed field): the seed in use shows at once. Returns the images, or None if stopped."""
-        if not prompt.strip():
+        if not prompt or not prompt.strip():
             raise _user_error("Type a prompt.")
+        _check_length("prompt", prompt)
+        _check_length("negative prompt", settings["negative_prompt"])
         settings["negative_prompt"] = settings["negative_prompt"] or None  # an empty box means Harmon's own
 
         def work(report, should_stop):
@@ -329,7 +377,7 @@ class HarmonDemo:
         with gr.Row():
             with gr.Column():
                 prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle left of a blue square",
-                                    elem_id="generate-prompt")
+                                    max_length=MAX_PROMPT_CHARACTERS, elem_id="generate-prompt")
                 run, stop = _run_and_stop_buttons("generate", "Generate")
                 with gr.Row():
                     size = dict(minimum=self.stride, maximum=MAX_IMAGE_SIDE, step=self.stride, precision=0)
@@ -348,12 +396,13 @@ class HarmonDemo:
     def _understand_tab(self):
         with gr.Row():
             with gr.Column(scale=2):
-                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="chat-image")
+                image = _uploaded_image(label="Image", sources=["upload", "clipboard"], elem_id="chat-image")
                 max_new_tokens = gr.Slider(16, MAX_NEW_TOKENS, value=DEFAULT_NEW_TOKENS, step=1, precision=0,
                                            label="Longest answer (tokens)", elem_id="max-new-tokens")
             with gr.Column(scale=3):
                 chat = gr.Chatbot(label="Conversation", elem_id="chat")
-                question = gr.Textbox(label="Question", placeholder="What is in the image?", elem_id="question")
+                question = gr.Textbox(label="Question", placeholder="What is in the image?",
+                                      max_length=MAX_PROMPT_CHARACTERS, elem_id="question")
                 ask, stop = _run_and_stop_buttons("understand", "Ask")
         gr.Examples([[TWO_SHAPES, "What shapes are in the image?"], [STACKED_SHAPES, "What colour is the triangle?"]],
                     inputs=[image, question])
@@ -367,7 +416,8 @@ class HarmonDemo:
                 editor = gr.ImageMask(type="pil", label="Image: paint over what to regenerate",
                                       sources=["upload", "clipboard"], layers=False, transforms=(),
                                       elem_id="inpaint-editor")
-                prompt = gr.Textbox(label="Prompt", placeholder="a purple triangle", elem_id="inpaint-prompt")
+                prompt = gr.Textbox(label="Prompt", placeholder="a purple triangle", max_length=MAX_PROMPT_CHARACTERS,
+                                    elem_id="inpaint-prompt")
                 run, stop = _run_and_stop_buttons("inpaint", "Inpaint")
                 settings = _sampling_settings("inpaint", self.diffusion_steps)
             result = gr.Image(label="Result", format="png", interactive=False, height=420, elem_id="inpaint-result")
@@ -401,7 +451,7 @@ def _sampling_settings(tab: str, diffusion_steps: int) -> SamplingSettings:
     `diffusion_steps`."""
     with gr.Accordion("Settings", open=False, elem_id=f"{tab}-settings"):
         negative_prompt = gr.Textbox(label="Negative prompt", placeholder="(Harmon's default: Generate an image.)",
-                                     elem_id=f"{tab}-negative-prompt")
+                                     max_length=MAX_PROMPT_CHARACTERS, elem_id=f"{tab}-negative-prompt")
         with gr.Row():
             guidance = gr.Slider(1.0, 10.0, value=_pipeline_default("guidance_scale"), step=0.1,
                                  label="Guidance scale", elem_id=f"{tab}-guidance")
