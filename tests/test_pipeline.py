@@ -280,3 +280,19 @@ def test_a_failing_streamed_answer_raises_instead_of_hanging(pipe):
     worker.join(timeout=60)
     assert not worker.is_alive(), "stream_answer hangs"
     assert outcome["error"] == "max_new_tokens must be a positive integer, got 0"
+
+
+@pytest.mark.parametrize("class_name", [None, "os.system", "Harmon"])
+def test_a_scheduler_config_that_names_no_scheduler_is_refused_by_name(pipe, tmp_path, class_name):
+    import json
+
+    pipe.save_pretrained(tmp_path)
+    config_file = tmp_path / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("_class_name")
+    if class_name is not None:
+        config["_class_name"] = class_name
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"_class_name must name a diffusers scheduler or HarmonDiffusionScheduler, "
+                                         f"got {class_name!r}"):
+        HarmonPipeline.from_pretrained(tmp_path)
