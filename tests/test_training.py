@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from harmon_hf import HarmonForConditionalGeneration
 from harmon_hf.training import HarmonDataCollator, Recipe, build_training_stream, parameter_groups, train
 from harmon_hf.training.recipe import from_dict
 from harmon_hf.training.run import load_model
+from conftest import run_harmon
 from tiny_data import caption_rows, write_caption_parquet, write_conversation_jsonl, write_text_jsonl
 
 ALL_MODULES_LR = {name: 1e-3 for name in ("language_model", "mar_encoder", "mar_decoder", "diffusion_head",
@@ -263,8 +266,19 @@ def test_two_processes_with_accelerate_launch(harmon_folder, data, tmp_path):
          "ratios must add up to 1, got 0.8"),
         ({"learning_rates": {"mar_decoder": 1e-4}}, "neither frozen nor given a learning rate"),
         ({"data": [{"path": "x.parquet", "task": "captioning", "ratio": 1.0}]}, "task must be one of"),
-        ({"learning_rates": {**ALL_MODULES_LR, "proj_in": "fast"}}, "learning_rates.proj_in must be a positive number, "
-                                                                    "got 'fast'"),
+        ({"learning_rates": {**ALL_MODULES_LR, "proj_in": "fast"}}, "learning_rates.proj_in must be a number, got 'fast'"),
+        ({"learning_rates": {**ALL_MODULES_LR, "proj_in": 0}}, "learning_rates.proj_in must be a positive number, got 0"),
+        ({"learning_rates": "abc"}, "learning_rates must be a mapping, got 'abc'"),
+        ({"image_size": 0}, "image_size must be a positive multiple of 16, got 0"),
+        ({"image_size": "abc"}, "image_size must be a whole number, got 'abc'"),
+        ({"image_size": 256.5}, "image_size must be a whole number, got 256.5"),
+        ({"data": 5}, "data must be a list, got 5"),
+        ({"data": [5]}, r"data\[0\] must be a mapping, got 5"),
+        ({"data": [{"path": "x.parquet", "task": "text", "ratio": "half"}]}, r"data\[0\].ratio must be a number, got 'half'"),
+        ({"frozen": "language_model"}, "frozen must be a list, got 'language_model'"),
+        ({"loss_weights": {"text": True}}, "loss_weights.text must be a number, got True"),
+        ({"training": 3}, "training must be a mapping, got 3"),
+        ({"lora": {"r": 1.5}}, "lora.r must be a whole number, got 1.5"),
     ],
 )
 def test_bad_recipes_are_refused(harmon_folder, tmp_path, change, message):
@@ -280,6 +294,113 @@ def test_unopenable_dataset_is_refused_before_any_compute(harmon_folder, tmp_pat
     with pytest.raises(ValueError, match="cannot open data source .*missing.parquet"):
         train(recipe)
     assert not (tmp_path / "run").exists()
+
+
+def cli_recipe(harmon_folder, data, tmp_path):
+    """A recipe file that trains the tiny model on the tiny text data, and a broken one beside it."""
+    (tmp_path / "broken.yaml").write_text(f"model: {harmon_folder}\ndata: [\n  - {{path: x}}\nimage_size: 64\n")
+    values = json.loads(json.dumps(make_recipe(harmon_folder, tmp_path / "run", [
+        {"path": str(data["text"]), "task": "text", "ratio": 1.0, "shuffle_buffer": 0}]), default=lambda o: o.__dict__))
+    return write_recipe(tmp_path / "recipe.yaml", values)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["broken.yaml"], r"recipe .*broken.yaml is not valid YAML: .* \(line 3, column 3\)"),
+        (["recipe.yaml", "data.5.ratio=1"], r"override 'data.5.ratio=1': data is a list of length 1: the index must "
+                                            r"be 0 to 0, got '5'"),
+        (["recipe.yaml", "image_size=abc"], "image_size must be a whole number, got 'abc'"),
+        (["recipe.yaml", "image_size=0"], "image_size must be a positive multiple of 16, got 0"),
+        (["recipe.yaml", "learning_rates=abc"], "learning_rates must be a mapping, got 'abc'"),
+        (["recipe.yaml", "data=5"], "data must be a list, got 5"),
+        (["recipe.yaml", "model={tmp_path}/no-such-model"], "cannot load model '.*no-such-model': no such folder"),
+    ],
+)
+def test_cli_refuses_a_bad_recipe_in_one_line(harmon_folder, data, tmp_path, arguments, message):
+    cli_recipe(harmon_folder, data, tmp_path)
+    result = run_harmon("train", tmp_path / arguments[0], *(a.format(tmp_path=tmp_path) for a in arguments[1:]),
+                        timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("harmon train: error: "), result.stderr[-3000:]
+    assert re.search(message, result.stderr) and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.0.text_column=nope"], r"data source '.*text.jsonl' has no usable sample in its 32 rows: empty text: 32"),
+        (["data.0.format=shapes", "data.0.path=train", "data.0.text_column=nope"],  # endless: it used to spin forever
+         r"data source 'train' gave 1000 unusable samples in a row: empty text: 1000"),
+    ],
+)
+def test_cli_refuses_a_source_without_a_usable_sample_before_any_compute(harmon_folder, data, tmp_path, overrides,
+                                                                         message):
+    result = run_harmon("train", cli_recipe(harmon_folder, data, tmp_path), *overrides, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert re.fullmatch(f"harmon train: error: {message}", result.stderr.splitlines()[-1]), result.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_source_that_turns_unusable_stops_the_run(harmon_folder, tmp_path, monkeypatch):
+    from datasets import IterableDataset
+
+    from harmon_hf.training import data as data_module
+
+    def rows():  # one good row, then bad ones: endless as far as the run can tell
+        yield {"text": "a red square"}
+        for _ in range(20000):
+            yield {"text": ""}
+        raise RuntimeError("the run read on through 20000 unusable samples")  # this test's bound, instead of a hang
+
+    monkeypatch.setattr(data_module, "open_source", lambda source, seed="0": IterableDataset.from_generator(rows))
+    recipe = make_recipe(harmon_folder, tmp_path / "run", [{"path": "endless", "task": "text", "ratio": 1.0,
+                                                            "shuffle_buffer": 0}])
+    with pytest.raises(ValueError, match="data source 'endless' gave 1000 unusable samples in a row: empty text: 1000"):
+        train(recipe)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_a_run_without_a_step_is_not_a_success(harmon_folder, data, tmp_path, monkeypatch):
+    from datasets import IterableDataset
+
+    from harmon_hf.training import run as run_module
+
+    def nothing():
+        yield from ()
+
+    # Past the checks of the sources a stream can still give nothing; such a run must not report success.
+    monkeypatch.setattr(run_module, "build_training_stream", lambda *args: IterableDataset.from_generator(nothing))
+    recipe = make_recipe(harmon_folder, tmp_path / "run", [{"path": str(data["text"]), "task": "text", "ratio": 1.0}])
+    with pytest.raises(ValueError, match="training took no step: the data gave no batch of 4 sample"):
+        train(recipe)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_a_kill_while_saving_keeps_the_last_complete_checkpoint(harmon_folder, data, tmp_path, monkeypatch):
+    from harmon_hf.training.trainer import CHECKPOINT_COMPLETE, latest_complete_checkpoint
+
+    class Killed(Exception):
+        pass
+
+    touch = Path.touch
+
+    def touch_or_die(path, *args, **kwargs):  # the process dies right before checkpoint-2 is marked complete
+        if path.name == CHECKPOINT_COMPLETE and path.parent.name == "checkpoint-2":
+            raise Killed
+        return touch(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "touch", touch_or_die)
+    recipe = make_recipe(harmon_folder, tmp_path / "run", three_task_sources(data),
+                         training={"max_steps": 2, "save_steps": 1, "save_total_limit": 1})
+    with pytest.raises(Killed):
+        train(recipe)
+    assert latest_complete_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoint-1"
+    monkeypatch.undo()
+    train(recipe, resume=True)
+    # Once checkpoint-2 is complete, the limit of one removes checkpoint-1.
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert latest_complete_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoint-2"
 
 
 def test_cli_refuses_a_bad_override_in_one_line(harmon_folder, tmp_path):

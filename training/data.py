@@ -7,6 +7,7 @@ samples as an uninterrupted one.
 """
 
 import io
+import itertools
 import json
 import logging
 import random
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 # Images outside these bounds are skipped, as in the reference's data loading.
 MIN_IMAGE_SIDE = 8
 MAX_ASPECT_RATIO = 10.0
+# A source that gives this many unusable samples in a row is refused: its filtered stream would otherwise never yield
+# (an endless source, such as the shapes world, with a wrong column or task spins forever).
+MAX_UNUSABLE_IN_A_ROW = 1000
 # A prepared sample: token ids, labels (-100 = no loss), the square RGB image as raw uint8 bytes (empty without one),
 # why it is unusable (empty if it is fine), and the reasons of the bad samples skipped just before it in its source:
 # the counts travel with the data, so they reach the trainer from any dataloader worker.
@@ -95,14 +99,23 @@ def open_source(source: DataSource, seed: str = "0") -> IterableDataset:
     return load_dataset(builder, data_files=source.path, split=source.split, streaming=True)
 
 
-def check_source(source: DataSource):
-    """Open a source and read its first row, so a wrong path fails before any compute."""
+def check_source(recipe: Recipe, index: int, processor):
+    """Open source `index` of the recipe and prepare its samples until the first usable one, so that a wrong path,
+    column or task fails before any compute."""
+    source = recipe.data[index]
     try:
-        next(iter(open_source(source)))
+        rows = iter(open_source(source, seed=f"{recipe.seed}/{index}"))
+        first = next(rows)
     except StopIteration:
         raise ValueError(f"data source {source.path!r} is empty") from None
     except Exception as error:
         raise ValueError(f"cannot open data source {source.path!r}: {error}") from error
+    builder = SampleBuilder(recipe, source, index, processor)  # raises after MAX_UNUSABLE_IN_A_ROW bad samples
+    for position, row in enumerate(itertools.chain([first], rows)):
+        if is_usable(builder(row, position)):
+            return
+    raise ValueError(f"data source {source.path!r} has no usable sample in its {position + 1} rows: "
+                     f"{describe_reasons(builder.skipped)}")
 
 
 # -- turning rows into samples ---------------------------------------------------------------------------------------
@@ -144,6 +157,9 @@ class SampleBuilder:
                 logger.warning("skipping samples of %s: %s", self.source.path, reason)
                 self.reasons_seen.add(str(reason))
             self.skipped.append(str(reason))
+            if len(self.skipped) >= MAX_UNUSABLE_IN_A_ROW:
+                raise ValueError(f"data source {self.source.path!r} gave {len(self.skipped)} unusable samples in a "
+                                 f"row: {describe_reasons(self.skipped)}") from None
             return {"task": self.source.task, "input_ids": [], "labels": [], "image": b"", "skip_reason": str(reason),
                     "skipped_before": []}
         skipped, self.skipped = self.skipped, []
@@ -258,6 +274,16 @@ def is_usable(sample: dict) -> bool:
     return not sample["skip_reason"]
 
 
+def count_reasons(reasons) -> Counter:
+    """Skip reasons counted by kind: "tiny image: 6x40" counts as "tiny image"."""
+    return Counter(reason.split(":")[0] for reason in reasons)
+
+
+def describe_reasons(reasons) -> str:
+    """The skip reasons counted by kind, the most frequent first: "empty text: 990, tiny image: 10"."""
+    return ", ".join(f"{reason}: {count}" for reason, count in count_reasons(reasons).most_common())
+
+
 def build_training_stream(recipe: Recipe, processor, rank: int = 0, world_size: int = 1) -> IterableDataset:
     """All sources, prepared, filtered and interleaved by their ratios (and split between processes)."""
     streams, probabilities = [], []
@@ -291,7 +317,7 @@ class HarmonDataCollator:
         for sample in samples:
             by_task[sample["task"]].append(sample)
         batch = {task: self._collate(task, items) for task, items in by_task.items()}
-        batch["skipped"] = dict(Counter(reason.split(":")[0] for s in samples for reason in s["skipped_before"]))
+        batch["skipped"] = dict(count_reasons(reason for s in samples for reason in s["skipped_before"]))
         return batch
 
     def _collate(self, task: str, items: list[dict]) -> dict:

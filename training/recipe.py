@@ -3,6 +3,8 @@
 import dataclasses
 import math
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,7 +93,7 @@ class Recipe:
             ratios = ", ".join(f"{s.path}: {s.ratio}" for s in self.data)
             raise ValueError(f"the data ratios must add up to 1, got {total:g} ({ratios})")
         for module, rate in self.learning_rates.items():
-            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0:
+            if rate <= 0:
                 raise ValueError(f"learning_rates.{module} must be a positive number, got {rate!r}")
         unknown = (set(self.learning_rates) | set(self.frozen)) - set(MODULES)
         if unknown:
@@ -102,8 +104,8 @@ class Recipe:
         unknown_tasks = set(self.loss_weights) - set(TASKS)
         if unknown_tasks:
             raise ValueError(f"unknown task(s) {sorted(unknown_tasks)} in loss_weights; tasks are {TASKS}")
-        if self.image_size % 16:
-            raise ValueError(f"image_size must be a multiple of 16, got {self.image_size}")
+        if self.image_size <= 0 or self.image_size % 16:
+            raise ValueError(f"image_size must be a positive multiple of 16, got {self.image_size}")
         if not 0 <= self.unconditional_probability <= 1:
             raise ValueError(f"unconditional_probability must be in [0, 1], got {self.unconditional_probability}")
 
@@ -116,10 +118,21 @@ class Recipe:
             path = bundled
         if not path.is_file():
             raise ValueError(f"no such recipe: {path}")
-        values = yaml.load(path.read_text(), Loader=RecipeLoader) or {}
+        values = read_yaml(path.read_text(), f"recipe {path}") or {}
         for override in overrides:
             apply_override(values, override)
         return from_dict(cls, values, where="recipe")
+
+
+def read_yaml(text: str, where: str):
+    """`text` read with RecipeLoader; a syntax error is a ValueError of one line saying where."""
+    try:
+        return yaml.load(text, Loader=RecipeLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        place = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ValueError(f"{where} is not valid YAML: {problem}{place}") from None
 
 
 def apply_override(values: dict, override: str):
@@ -128,15 +141,21 @@ def apply_override(values: dict, override: str):
         raise ValueError(f"overrides are key=value, got {override!r}")
     dotted, text = override.split("=", 1)
     keys = dotted.split(".")
+    value = read_yaml(text, f"override {override!r}")
     target = values
-    for key in keys[:-1]:
-        target = target[int(key)] if isinstance(target, list) else target.setdefault(key, {})
-    last = keys[-1]
-    value = yaml.load(text, Loader=RecipeLoader)
-    if isinstance(target, list):
-        target[int(last)] = value
-    else:
-        target[last] = value
+    for depth, key in enumerate(keys):
+        place = ".".join(keys[:depth]) or "the recipe"
+        if isinstance(target, list):
+            if not key.isdigit() or int(key) >= len(target):
+                raise ValueError(f"override {override!r}: {place} is a list of length {len(target)}: the index must be "
+                                 f"0 to {len(target) - 1}, got {key!r}")
+            key = int(key)
+        elif not isinstance(target, dict):
+            raise ValueError(f"override {override!r}: {place} is {target!r}, not a mapping or a list")
+        if depth == len(keys) - 1:
+            target[key] = value
+        else:
+            target = target[key] if isinstance(target, list) else target.setdefault(key, {})
 
 
 def from_dict(cls, values, where: str):
@@ -147,6 +166,8 @@ def from_dict(cls, values, where: str):
     unknown = set(values) - set(fields)
     if unknown:
         raise ValueError(f"unknown key(s) {sorted(unknown)} in {where}; known keys: {sorted(fields)}")
+    for name, value in values.items():
+        check_type(value, fields[name].type, name if cls is Recipe else f"{where}.{name}")
     kwargs = dict(values)
     if cls is Recipe:
         kwargs["data"] = [from_dict(DataSource, s, f"data[{i}]") for i, s in enumerate(values.get("data") or [])]
@@ -157,3 +178,28 @@ def from_dict(cls, values, where: str):
     if missing:
         raise ValueError(f"missing key(s) {missing} in {where}")
     return cls(**kwargs)
+
+
+# What a value must be for each type annotated in the dataclasses above; a nested dataclass is written as a mapping.
+_TYPE_RULES = {int: (int, "a whole number"), float: ((int, float), "a number"), str: (str, "a string"),
+               dict: (dict, "a mapping"), list: (list, "a list")}
+
+
+def check_type(value, annotation, where: str):
+    """Refuse `value` unless it has the type of `annotation` (with the items of lists and the values of mappings)."""
+    arguments = typing.get_args(annotation)
+    if typing.get_origin(annotation) is types.UnionType:  # `X | None`
+        if value is None:
+            return
+        (annotation,) = [argument for argument in arguments if argument is not type(None)]
+        arguments = typing.get_args(annotation)
+    kind = dict if dataclasses.is_dataclass(annotation) else typing.get_origin(annotation) or annotation
+    accepted, rule = _TYPE_RULES[kind]
+    if isinstance(value, bool) or not isinstance(value, accepted):  # YAML's true/false are not numbers here
+        raise ValueError(f"{where} must be {rule}, got {value!r}")
+    if kind is list and arguments:
+        for index, item in enumerate(value):
+            check_type(item, arguments[0], f"{where}[{index}]")
+    if kind is dict and arguments:
+        for key, item in value.items():
+            check_type(item, arguments[1], f"{where}.{key}")

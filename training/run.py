@@ -1,5 +1,6 @@
 """`harmon train`: run a recipe with HarmonTrainer (also under `accelerate launch` for several processes)."""
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,10 +31,26 @@ DEFAULT_ARGUMENTS = {
 }
 
 
+@contextmanager
+def reading_model(name: str):
+    """Any failure to read the recipe's `model` becomes a ValueError of one line naming it."""
+    try:
+        yield
+    except Exception as error:
+        from harmon_hf import is_missing_folder
+
+        if is_missing_folder(name):
+            reason = "no such folder"
+        else:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"cannot load model {name!r}: {reason}") from error
+
+
 def load_model(recipe: Recipe):
     from harmon_hf import HarmonForConditionalGeneration
 
-    model = HarmonForConditionalGeneration.from_pretrained(recipe.model, dtype=torch.float32)
+    with reading_model(recipe.model):
+        model = HarmonForConditionalGeneration.from_pretrained(recipe.model, dtype=torch.float32)
     if recipe.image_size % model.config.vae_stride:
         raise ValueError(f"image_size {recipe.image_size} is not a multiple of the VAE stride {model.config.vae_stride}")
     model.requires_grad_(True)
@@ -69,12 +86,13 @@ def train(recipe: Recipe, resume: bool | str = False) -> Path:
     complete checkpoint in `output_dir`, a path from that checkpoint."""
     if resume is True:
         resume = str(latest_complete_checkpoint(recipe.output_dir))
-    for source in recipe.data:
+    with reading_model(recipe.model):
+        processor = AutoProcessor.from_pretrained(recipe.model)
+    for index, source in enumerate(recipe.data):
         if source.ratio > 0:
-            check_source(source)  # before any compute
+            check_source(recipe, index, processor)  # before any compute
     args = training_arguments(recipe)
     set_seed(recipe.seed)
-    processor = AutoProcessor.from_pretrained(recipe.model)
     model = load_model(recipe)
     state = PartialState(cpu=not torch.cuda.is_available())
     stream = build_training_stream(recipe, processor, state.process_index, state.num_processes)
@@ -89,6 +107,9 @@ def train(recipe: Recipe, resume: bool | str = False) -> Path:
     if state.is_main_process:
         print(f"harmon train: {recipe.output_dir}, {args.max_steps} steps on {state.num_processes} process(es)")
     trainer.train(resume_from_checkpoint=resume or None)
+    if trainer.state.global_step == 0:  # Trainer only warns when the data gives no batch at all
+        raise ValueError(f"training took no step: the data gave no batch of {args.per_device_train_batch_size} "
+                         f"sample(s); nothing was saved")
     trainer.save_state()  # trainer_state.json in output_dir: the whole log history
     final = Path(recipe.output_dir) / ("adapter" if recipe.lora is not None else "final")
     trainer.save_model(str(final))  # a normal model folder with its processor (or the adapter alone with LoRA)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import rotate_checkpoints
 
 from .recipe import MODULES, Recipe
 
@@ -83,10 +84,18 @@ class HarmonTrainer(Trainer):
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        # Trainer deletes the checkpoints beyond save_total_limit at the end of its _save_checkpoint, before this one
+        # is marked complete: a kill in between would leave nothing to resume from. So rotate after the marker.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         if self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            (folder / CHECKPOINT_COMPLETE).touch()
+            run_dir = self._get_output_dir(trial=trial)
+            (Path(run_dir) / f"checkpoint-{self.state.global_step}" / CHECKPOINT_COMPLETE).touch()
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # training logs: add each task's mean loss since the last log, and the skipped samples

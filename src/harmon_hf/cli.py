@@ -40,12 +40,12 @@ def load_pipeline(name: str | None, lora: str | None = None):
     import torch
     from transformers.utils import logging as transformers_logging
 
-    from . import HarmonPipeline
+    from . import HarmonPipeline, is_missing_folder
 
     name = name or default_model()
     transformers_logging.disable_progress_bar()  # loading is quick; keep stderr for progress of real work and errors
-    if not Path(name).is_dir() and (name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name):
-        raise CommandError(f"no such model folder: {name}")  # not a Hub id either, which is NAME or OWNER/NAME
+    if is_missing_folder(name):
+        raise CommandError(f"no such model folder: {name}")
     try:
         pipeline = HarmonPipeline.from_pretrained(name, torch_dtype=torch.float32)
     except Exception as error:  # any failure to resolve or read a model is the user's model argument
