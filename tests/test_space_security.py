@@ -128,6 +128,20 @@ def test_understand_reads_no_file_that_was_not_uploaded(server, server_image, wi
         assert message == "Upload the image: only files uploaded to this app are read."
 
 
+@pytest.mark.parametrize("part", ["component", "file"])
+def test_the_conversation_names_no_file(server, server_image, part):
+    """A chat turn may carry a component or a file, which Gradio would read from the path the client names."""
+    parts = {"component": {"type": "component", "component": "image", "value": {"path": str(server_image)},
+                           "constructor_args": {}, "props": {}},
+             "file": {"type": "file", "file": {"path": str(server_image)}}}
+    history = [{"role": "user", "content": [parts[part]]}, {"role": "assistant", "content": [{"type": "text",
+                                                                                               "text": "Red."}]}]
+    event, message = server.call("answer", server.upload(server_image), "And now?", history, 16)
+    assert event == "error"
+    if part == "component":  # a file part Gradio refuses itself, with no message for the page
+        assert message == "The conversation may hold only the text of user and assistant turns."
+
+
 def test_inpaint_reads_no_file_that_was_not_uploaded(server, server_image):
     editor = {"background": {"path": str(server_image)}, "layers": [], "composite": {"path": str(server_image)}}
     event, _ = server.call("inpaint", editor, "a star", "", 3.0, FAST["num_iter"], FAST["num_inference_steps"], 1.0,

@@ -89,6 +89,20 @@ def _read_uploaded_image(payload) -> PIL.Image.Image | None:
         raise _user_error(f"The file is not an image this app can read ({type(error).__name__}).") from None
 
 
+def _read_text_conversation(payload) -> list[dict]:
+    """The chat's reading of a request: its turns as {"role": "user" | "assistant", "content": text}.
+
+    The page's conversations hold text only; a part of another type is refused before Gradio reads it, since it
+    would make Gradio open the file, or build the component, that a client names.
+    """
+    turns = []
+    for message in payload.root if payload is not None else []:
+        if message.role not in ("user", "assistant") or any(part.type != "text" for part in message.content):
+            raise _user_error("The conversation may hold only the text of user and assistant turns.")
+        turns.append({"role": message.role, "content": "".join(part.text for part in message.content)})
+    return turns
+
+
 def _uploaded_image(**options) -> gr.Image:
     """A `gr.Image` that reads requests with `_read_uploaded_image`. (Set on the instance: a subclass of a Gradio
     component makes Gradio write a .pyi file beside this module at import.)"""
@@ -208,11 +222,6 @@ class _StopWhen(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
 
 
-def _text(message: dict) -> str:
-    """The text of a chat message as `gr.Chatbot` hands it over: its content is a list of parts."""
-    return "".join(part["text"] for part in message["content"] if part["type"] == "text")
-
-
 def _painted_mask(editor: dict, size: tuple[int, int]) -> PIL.Image.Image:
     """White wherever the editor's layers have paint, at `size` (width, height). The box filter keeps a thin stroke:
     a pixel is white if any painted pixel falls in it, so its patch is regenerated as the brush showed."""
@@ -292,8 +301,7 @@ class HarmonDemo:
         if not question or not question.strip():
             raise _user_error("Type a question.")
         _check_length("question", question)
-        turns = [{"role": message["role"], "content": _text(message)} for message in history or []]
-        turns.append({"role": "user", "content": question})
+        turns = [*history, {"role": "user", "content": question}]
         _check_length("conversation", "".join(turn["content"] for turn in turns), MAX_CONVERSATION_CHARACTERS)
         messages = [image_question(turns[0]["content"]), *turns[1:]]  # the image belongs to the first question
 
@@ -401,6 +409,7 @@ class HarmonDemo:
                                            label="Longest answer (tokens)", elem_id="max-new-tokens")
             with gr.Column(scale=3):
                 chat = gr.Chatbot(label="Conversation", elem_id="chat")
+                chat.preprocess = _read_text_conversation  # see _uploaded_image for why on the instance
                 question = gr.Textbox(label="Question", placeholder="What is in the image?",
                                       max_length=MAX_PROMPT_CHARACTERS, elem_id="question")
                 ask, stop = _run_and_stop_buttons("understand", "Ask")
