@@ -1,5 +1,6 @@
 """HarmonPipeline: text-to-image generation and inpainting with Harmon, in diffusers' conventions."""
 
+import functools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,18 @@ from .modeling.modeling_harmon import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_ITER
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def _one_call_at_a_time(call):
+    """The scheduler and the interrupt flag are state of the call in progress: calls of one pipeline from several
+    threads take turns (re-entrant, so that a callback may call the pipeline)."""
+
+    @functools.wraps(call)
+    def call_alone(pipeline, *args, **kwargs):
+        with pipeline._call_lock:
+            return call(pipeline, *args, **kwargs)
+
+    return call_alone
 
 
 @dataclass
@@ -43,9 +56,7 @@ class HarmonPipeline(DiffusionPipeline):
         if scheduler is None:
             scheduler = HarmonDiffusionScheduler.from_config(model.model.noise_scheduler.config)
         self.register_modules(model=model, processor=processor, scheduler=scheduler)
-        # The scheduler and the interrupt flag are state of the call in progress: calls from several threads take
-        # turns (re-entrant, so that a callback may call the pipeline).
-        self._call_lock = threading.RLock()
+        self._call_lock = threading.RLock()  # see _one_call_at_a_time
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path=None, torch_dtype=None, trust_remote_code=False, **kwargs):
@@ -157,6 +168,7 @@ class HarmonPipeline(DiffusionPipeline):
         return canvas, mask
 
     @torch.no_grad()
+    @_one_call_at_a_time
     def __call__(
         self,
         prompt: str | list[str],
@@ -197,16 +209,6 @@ class HarmonPipeline(DiffusionPipeline):
             callback_on_step_end: `callback(pipe, round_index, num_masked, {"tokens": ...})` after each round; it
                 may return `{"tokens": ...}` to replace them. Set `pipe._interrupt = True` to stop early.
         """
-        with self._call_lock:
-            return self._generate(
-                prompt, negative_prompt, height, width, num_iter, guidance_scale, guidance_schedule, temperature,
-                num_inference_steps, num_images_per_prompt, generator, image, mask_image, output_type, return_dict,
-                callback_on_step_end, callback_on_step_end_tensor_inputs,
-            )
-
-    def _generate(self, prompt, negative_prompt, height, width, num_iter, guidance_scale, guidance_schedule,
-                  temperature, num_inference_steps, num_images_per_prompt, generator, image, mask_image, output_type,
-                  return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs):
         # 1. Check inputs (None: `image`'s size, else the model's defaults)
         default_size = self.model.config.image_size
         height = height if height is not None else image.height if image is not None else default_size
