@@ -94,7 +94,7 @@ def main():
     timer.wrap(inner.language_model, "forward", llm_phase)
     timer.wrap(inner.mar_encoder, "forward", "MAR encoder")
     timer.wrap(inner.mar_decoder, "forward", "MAR decoder")
-    timer.wrap(inner, "sample_tokens", "diffusion head")
+    timer.wrap(inner.diffusion_head, "sample", "diffusion head")
     timer.wrap(model, "decode_latents", "VAE decode")
 
     vocab = model.config.text_config.vocab_size

@@ -244,9 +244,10 @@ def test_clip_range_bounds_the_predicted_latent_in_sampling_only(tiny_model):
     assert torch.equal(bounds[0], bounds[1])  # the training loss never clips
     config = copy.deepcopy(tiny_model.config)
     config.diffusion_clip_range = 5.0
-    model_scheduler = HarmonModel(config).make_sampling_scheduler()
+    model_scheduler = HarmonModel(config).diffusion_head.make_sampling_scheduler(100)
     assert model_scheduler.config.clip_sample and model_scheduler.config.clip_sample_range == 5.0
-    assert not tiny_model.model.make_sampling_scheduler().config.clip_sample  # the released models: as the reference
+    released = tiny_model.model.diffusion_head.make_sampling_scheduler(100)
+    assert not released.config.clip_sample  # the released models: as the reference
 
 
 @torch.no_grad()
@@ -351,11 +352,11 @@ def test_diffusion_loss_follows_the_prediction_type(tiny_model):
     conditions = torch.randn(6, config.decoder_hidden_size)
     timesteps = torch.tensor([0, 100, 400, 700, 900, 999])
     with torch.no_grad():
-        noisy = v_model.noise_scheduler.add_noise(target, noise, timesteps)
+        noisy = v_model.diffusion_head.noise_scheduler.add_noise(target, noise, timesteps)
         prediction = v_model.diffusion_head(noisy, timesteps, conditions)[:, : config.token_channels]
-        terms = {"epsilon": tiny_model.model.diffusion_loss_terms(target, conditions, timesteps, noise),
-                 "v_prediction": v_model.diffusion_loss_terms(target, conditions, timesteps, noise)}
-    velocity = v_model.noise_scheduler.training_target(target, noise, timesteps)
+        terms = {"epsilon": tiny_model.model.diffusion_head.loss(target, conditions, timesteps, noise),
+                 "v_prediction": v_model.diffusion_head.loss(target, conditions, timesteps, noise)}
+    velocity = v_model.diffusion_head.noise_scheduler.training_target(target, noise, timesteps)
     assert_close(terms["v_prediction"]["mse"], ((velocity - prediction) ** 2).mean(-1), 1e-5)
     assert_close(terms["epsilon"]["mse"], ((noise - prediction) ** 2).mean(-1), 1e-5)
     assert not torch.allclose(terms["epsilon"]["vb"], terms["v_prediction"]["vb"])  # the variance sees x_0 v's way

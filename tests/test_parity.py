@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import GOLDEN, assert_close
+from harmon_hf.modeling import HarmonDiffusionScheduler
 from harmon_hf.modeling.modeling_harmon import num_masked_after_round
 
 
@@ -77,7 +78,7 @@ def test_diffusion_head_output(tiny_model, golden):
 
 @torch.no_grad()
 def test_diffusion_loss_terms(tiny_model, golden):
-    terms = tiny_model.model.diffusion_loss_terms(
+    terms = tiny_model.model.diffusion_head.loss(
         golden["diffloss.target"], golden["diffloss.z"], golden["diffloss.t"], golden["diffloss.noise"]
     )
     for name in ("mse", "vb", "loss"):
@@ -90,7 +91,7 @@ def test_every_sampling_step(tiny_model, golden):
     and next x from the recorded model output. (Fed our own output instead, the first step amplifies a difference of
     8e-6 in the network, which depends on the CPU's float kernels, about thirtyfold: 1/sqrt(alpha_bar) at t = 999.)"""
     prefix = "diff.sample."
-    scheduler = tiny_model.model.make_sampling_scheduler(100)
+    scheduler = tiny_model.model.diffusion_head.make_sampling_scheduler(100)
     recorded_x = golden[prefix + "steps.x"]
     num_rows = recorded_x.shape[1]
     for index, timestep in enumerate(scheduler.timesteps):
@@ -107,17 +108,26 @@ def test_every_sampling_step(tiny_model, golden):
             assert_close(step.prev_sample, recorded_x[index + 1], name=f"x[{index + 1}]")
 
 
+class ReplayingScheduler(HarmonDiffusionScheduler):
+    """The reference's sampler, with the recorded noise of every step (`step_noise`, set after creating it) instead
+    of fresh noise."""
+
+    step_noise: torch.Tensor
+
+    def step(self, model_output, timestep, sample, **kwargs):
+        index = self.timesteps.tolist().index(int(timestep))
+        return super().step(model_output, timestep, sample, **{**kwargs, "variance_noise": self.step_noise[index]})
+
+
 @torch.no_grad()
 def test_sampling_run_end_result(tiny_model, golden):
     prefix = "diff.sample."
-    sampled = tiny_model.model.sample_tokens(
-        golden[prefix + "z"],
-        tiny_model.model.make_sampling_scheduler(100),
-        guidance_scale=3.0,
-        temperature=0.9,
-        latents=golden[prefix + "x_T"],
-        step_noise=golden[prefix + "step_noise"],
-    )
+    head = tiny_model.model.diffusion_head
+    scheduler = ReplayingScheduler.from_config(head.noise_scheduler.config)
+    scheduler.step_noise = golden[prefix + "step_noise"]
+    scheduler.set_timesteps(100)
+    sampled = head.sample(golden[prefix + "z"], scheduler, guidance_scale=3.0, temperature=0.9,
+                          latents=golden[prefix + "x_T"])
     # 100 chained steps, the first of which amplifies the network's float differences (1e-5, CPU-dependent) about
     # thirtyfold: 2.1e-4 on an AVX-512/AMX Xeon, under 1e-4 on others. Each step alone is held to 1e-4 above.
     assert_close(sampled, golden[prefix + "out"], tolerance=1e-3, name="diff.sample.out")
@@ -138,4 +148,5 @@ def test_mask_schedules():
 @pytest.mark.parametrize("num_steps", [100, 25])
 def test_respaced_timesteps(tiny_model, num_steps):
     expected = json.loads((GOLDEN / "schedules.json").read_text())[f"diffusion_timesteps_{num_steps}"]
-    assert tiny_model.model.make_sampling_scheduler(num_steps).timesteps.flip(0).tolist() == expected
+    scheduler = tiny_model.model.diffusion_head.make_sampling_scheduler(num_steps)
+    assert scheduler.timesteps.flip(0).tolist() == expected

@@ -296,3 +296,24 @@ def test_a_scheduler_config_that_names_no_scheduler_is_refused_by_name(pipe, tmp
     with pytest.raises(ValueError, match=f"_class_name must name a diffusers scheduler or HarmonDiffusionScheduler, "
                                          f"got {class_name!r}"):
         HarmonPipeline.from_pretrained(tmp_path)
+
+
+def test_the_pipeline_samples_with_the_models_one_loop(pipe, monkeypatch):
+    """The pipeline (and so the `harmon` command, the Space and ShapesEval, which all call it) runs
+    `generate_images`, and gives its images; no other code walks the rounds."""
+    from conftest import REPO
+
+    inputs = pipe.processor.generation_inputs(["a red circle"])
+    bare = pipe.model.generate_images(inputs["input_ids"], inputs["attention_mask"], generator=_seed(7),
+                                      output_type="latent", **FAST)
+    calls = []
+    generate_images = pipe.model.generate_images
+    monkeypatch.setattr(pipe.model, "generate_images", lambda *a, **k: calls.append(k) or generate_images(*a, **k))
+    latents = pipe("a red circle", generator=_seed(7), output_type="latent", **FAST).images
+    assert len(calls) == 1 and calls[0]["scheduler"] is pipe.scheduler
+    assert torch.equal(latents, bare)
+    sources = [path for folder in ("src", "modeling", "spaces", "training") for path in (REPO / folder).rglob("*.py")
+               if "models" not in path.parts]  # the bundled model's copy of modeling/ aside
+    schedules = [path.name for path in sources for line in path.read_text().splitlines()
+                 if "num_masked_after_round(" in line and not line.lstrip().startswith("def ")]
+    assert schedules == ["modeling_harmon.py"]

@@ -156,11 +156,11 @@ def test_object_recall_reads_what_the_head_draws_in_the_masked_cell(world_folder
         return run_round(tokens, mask, *args, **kwargs)
 
     monkeypatch.setattr(model.model, "run_round", spying_run_round)
-    monkeypatch.setattr(model.model, "sample_tokens", lambda conditions, **kwargs: seen["truth"])
+    monkeypatch.setattr(model.model.diffusion_head, "sample", lambda conditions, *args, **kwargs: seen["truth"])
     assert object_recall(model, processor, count=6) == {"object": 1.0, "colour": 1.0, "shape": 1.0, "empty": 0.0}
     with torch.no_grad():
         empty_scene = model.encode_images(render_pixels([Scene("single", ())], IMAGE_SIZE)).flatten(1, 2)[0]
-    monkeypatch.setattr(model.model, "sample_tokens", lambda conditions, **kwargs: empty_scene[seen["cells"]])
+    monkeypatch.setattr(model.model.diffusion_head, "sample", lambda conditions, *args, **kwargs: empty_scene[seen["cells"]])
     assert object_recall(model, processor, count=6) == {"object": 0.0, "colour": 0.0, "shape": 0.0, "empty": 1.0}
     with pytest.raises(ValueError, match="count must be at least 1"):
         object_recall(model, processor, count=0)
@@ -188,7 +188,7 @@ def test_first_round_reads_every_cell_the_head_draws_with_all_tokens_masked(worl
     truth = empty.clone()
     truth[torch.arange(6), cells] = own[torch.arange(6), cells]
     truth, empty = truth.flatten(0, 1), empty.flatten(0, 1)  # (6 * cells, c), scene-major as the head samples them
-    monkeypatch.setattr(model.model, "sample_tokens", lambda conditions, **kwargs: truth)
+    monkeypatch.setattr(model.model.diffusion_head, "sample", lambda conditions, *args, **kwargs: truth)
     draws = first_round_draws(model, processor, scenes)
     assert [sum(content is not None for content in cells) for cells in draws] == [1] * 6
     assert first_round_binding(scenes, draws) == {"objects per image": 1.0, "object": 1.0, "colour": 1.0,
@@ -198,7 +198,7 @@ def test_first_round_reads_every_cell_the_head_draws_with_all_tokens_masked(worl
         assert confusion[asked][asked] == sum(scene.objects[0].colour == asked for scene in scenes)
         assert sum(confusion[asked].values()) == confusion[asked][asked]
     # One that draws nothing: no objects, and no share of them to report.
-    monkeypatch.setattr(model.model, "sample_tokens", lambda conditions, **kwargs: empty)
+    monkeypatch.setattr(model.model.diffusion_head, "sample", lambda conditions, *args, **kwargs: empty)
     nothing = first_round_binding(scenes, first_round_draws(model, processor, scenes))
     assert nothing["objects per image"] == 0.0
     assert all(math.isnan(nothing[measure]) for measure in ("object", "colour", "shape"))

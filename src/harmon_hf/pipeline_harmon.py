@@ -54,7 +54,7 @@ class HarmonPipeline(DiffusionPipeline):
     def __init__(self, model: HarmonForConditionalGeneration, processor: HarmonProcessor, scheduler=None):
         super().__init__()
         if scheduler is None:
-            scheduler = HarmonDiffusionScheduler.from_config(model.model.noise_scheduler.config)
+            scheduler = HarmonDiffusionScheduler.from_config(model.model.diffusion_head.noise_scheduler.config)
         self.register_modules(model=model, processor=processor, scheduler=scheduler)
         self._call_lock = threading.RLock()  # see _one_call_at_a_time
 
@@ -225,33 +225,32 @@ class HarmonPipeline(DiffusionPipeline):
                                           guidance_schedule, temperature, num_inference_steps)
         batch = input_ids.shape[0] // (2 if guidance_scale != 1.0 else 1)
 
-        # 3. Prepare the prompt cache, the tokens to keep (inpainting), the orders and the diffusion sampler
+        # 3. Prepare the tokens to keep (inpainting)
         image_latents = token_mask = None
         if image is not None:
             image_latents, token_mask = self.prepare_inpainting(image, mask_image, height, width, batch)
-        state = self.model.prepare_image_generation(
-            input_ids, attention_mask, height, width, guidance_scale, generator, image_latents, token_mask
-        )
-        self.scheduler.set_timesteps(num_inference_steps)
 
-        # 4. Masked-autoregressive rounds
+        # 4. Masked-autoregressive rounds: the model's sampling loop, with this pipeline's scheduler and callbacks
         with self.progress_bar(total=num_iter) as progress_bar:
-            for round_index in range(num_iter):
-                if self.interrupt:
-                    break
-                self.model.generation_round(state, round_index, num_iter, guidance_scale, guidance_schedule,
-                                            temperature, self.scheduler, generator)
-                if callback_on_step_end is not None:
-                    tensors = {name: getattr(state, name) for name in callback_on_step_end_tensor_inputs}
-                    outputs = callback_on_step_end(self, round_index, int(state.mask[0].sum()), tensors)
-                    state.tokens = (outputs or {}).get("tokens", state.tokens)
+
+            def after_round(round_index, num_masked, tokens):
                 progress_bar.update()
+                if callback_on_step_end is None:
+                    return None
+                tensors = {"tokens": tokens} if "tokens" in callback_on_step_end_tensor_inputs else {}
+                return (callback_on_step_end(self, round_index, num_masked, tensors) or {}).get("tokens")
+
+            latents = self.model.generate_images(
+                input_ids, attention_mask, height, width, num_iter, guidance_scale, guidance_schedule, temperature,
+                num_inference_steps, generator, image_latents, token_mask, scheduler=self.scheduler,
+                callback=after_round, should_stop=lambda: self.interrupt, output_type="latent",
+            )
 
         # 5. Decode
         if output_type == "latent":
-            images = state.latents
+            images = latents
         else:
-            images = self.processor.image_processor.postprocess(self.model.decode_latents(state.latents), output_type)
+            images = self.processor.image_processor.postprocess(self.model.decode_latents(latents), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)

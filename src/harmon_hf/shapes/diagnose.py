@@ -138,6 +138,13 @@ def read_tokens(model, cells: list[int], tokens: torch.Tensor) -> list:
     return [CELL_CONTENTS[(prototypes[cell] - token).norm(dim=-1).argmin()] for cell, token in zip(cells, tokens)]
 
 
+def sample_without_guidance(model, conditions: torch.Tensor, seed: int) -> torch.Tensor:
+    """The diffusion head's tokens (n, c) for conditions (n, d_dec), with the model's own sampler and steps."""
+    head = model.model.diffusion_head
+    scheduler = head.make_sampling_scheduler(model.config.num_inference_steps)
+    return head.sample(conditions, scheduler, generator=torch.Generator().manual_seed(seed))
+
+
 @torch.no_grad()
 def object_recall(model, processor, count: int = 200, seed: int = 0) -> dict[str, float]:
     """{measure of RECALL_MEASURES: share of `count` training scenes of one object}: the object's token is the only
@@ -151,7 +158,7 @@ def object_recall(model, processor, count: int = 200, seed: int = 0) -> dict[str
     mask = torch.nn.functional.one_hot(cells, side * side).float().to(model.device)
     prompts = [processor.apply_generation_template(describe(scene)) for scene in scenes]
     conditions = prompted_round(model, processor, prompts, tokens, mask).conditions
-    sampled = model.model.sample_tokens(conditions[mask.bool()], generator=torch.Generator().manual_seed(seed))
+    sampled = sample_without_guidance(model, conditions[mask.bool()], seed)
 
     hits = {measure: 0 for measure in RECALL_MEASURES}
     for scene, drawn in zip(scenes, read_tokens(model, cells.tolist(), sampled)):
@@ -174,7 +181,7 @@ def first_round_draws(model, processor, scenes: list[Scene], seed: int = 0) -> l
     mask = torch.ones(count, num_tokens, device=model.device)
     prompts = [processor.apply_generation_template(describe(scene)) for scene in scenes]
     conditions = prompted_round(model, processor, prompts, tokens, mask).conditions  # (count, tokens, d)
-    sampled = model.model.sample_tokens(conditions.flatten(0, 1), generator=torch.Generator().manual_seed(seed))
+    sampled = sample_without_guidance(model, conditions.flatten(0, 1), seed)
     drawn = read_tokens(model, list(range(num_tokens)) * count, sampled)
     return [drawn[start : start + num_tokens] for start in range(0, len(drawn), num_tokens)]
 

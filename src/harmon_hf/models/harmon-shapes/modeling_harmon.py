@@ -233,14 +233,24 @@ class HarmonDiffusionHead(nn.Module):
     """MAR's per-token denoiser (an MLP with adaptive LayerNorm): for each noisy token, predicts epsilon (or v, see
     `diffusion_prediction_type`) and the value that sets its variance between the posterior's and beta.
 
-    The adaptive-norm modulations depend on the timestep and the condition only, not on the noisy token, so a
-    sampler can compute them for many steps in one batch (`modulations`) and run only `denoise` per step.
+    Like MAR's `DiffLoss`, it owns its diffusion process (`noise_scheduler`), its training loss (`loss`) and its
+    sampler (`sample`). The adaptive-norm modulations depend on the timestep and the condition only, not on the
+    noisy token, so the sampler computes them for many steps in one batch (`modulations`) and runs only `denoise`
+    per step.
     """
 
     def __init__(self, config: HarmonConfig):
         super().__init__()
         width = config.diffusion_head_hidden_size
         self.token_channels = config.token_channels
+        # Not a module: its float64 tables stay on the CPU even when the weights are created on the meta device.
+        with torch.device("cpu"):
+            self.noise_scheduler = HarmonDiffusionScheduler(
+                num_train_timesteps=config.num_train_timesteps,
+                prediction_type=config.diffusion_prediction_type,
+                clip_sample=config.diffusion_clip_range is not None,
+                clip_sample_range=config.diffusion_clip_range or 1.0,
+            )
         self.input_proj = nn.Linear(config.token_channels, width)
         self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(256, width)
@@ -298,6 +308,76 @@ class HarmonDiffusionHead(nn.Module):
     def forward_with_guidance(self, noisy, timesteps, condition, guidance_scale: float) -> torch.Tensor:
         conditioning = self.embed_timesteps(timesteps) + self.embed_conditions(condition)
         return self.denoise_with_guidance(noisy, self.modulations(conditioning), guidance_scale)
+
+    def make_sampling_scheduler(self, num_inference_steps: int) -> HarmonDiffusionScheduler:
+        """The reference sampler: the head's own process, respaced to `num_inference_steps`."""
+        with torch.device("cpu"):
+            scheduler = HarmonDiffusionScheduler.from_config(self.noise_scheduler.config)
+            scheduler.set_timesteps(num_inference_steps)
+        return scheduler
+
+    def loss(self, target, conditions, timesteps, noise) -> dict[str, torch.Tensor]:
+        """Per-token `mse`, `vb` (bits, mean prediction detached) and `loss` = mse + vb, for target tokens (n, c)
+        noised with `noise` (n, c) to `timesteps` (n,) of the training process, under conditions (n, d_dec)."""
+        noisy = self.noise_scheduler.add_noise(target, noise, timesteps)
+        prediction, variance_value = self(noisy, timesteps, conditions).float().split(self.token_channels, dim=-1)
+        prediction_target = self.noise_scheduler.training_target(target, noise, timesteps)
+        mse = ((prediction_target - prediction) ** 2).mean(dim=-1)
+        vb = self.noise_scheduler.variational_bound(
+            torch.cat([prediction.detach(), variance_value], dim=-1), target, noisy, timesteps
+        )
+        return {"mse": mse, "vb": vb, "loss": mse + vb}
+
+    @torch.no_grad()
+    def sample(
+        self,
+        conditions: torch.Tensor,
+        scheduler,
+        guidance_scale: float = 1.0,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sample one latent token per condition row (n, d_dec) -> (n, c) in float32.
+
+        `scheduler` is a [`HarmonDiffusionScheduler`] with its timesteps set (`make_sampling_scheduler`: the
+        reference's process) or any diffusers scheduler with `set_timesteps` already called and the head's
+        `prediction_type`, which gets the prediction alone (for example DPM-Solver++ for fewer steps; `temperature`
+        applies to the Harmon scheduler only). With guidance, `conditions` holds conditional rows then
+        unconditional rows, and both halves start from the same noise: `latents` (n/2, c), else drawn.
+        """
+        # Every call samples a fresh set of tokens: restart the scheduler (multistep solvers keep a history).
+        scheduler.set_timesteps(scheduler.num_inference_steps)
+        learned_variance = isinstance(scheduler, HarmonDiffusionScheduler)
+        num_rows = conditions.shape[0]
+        num_independent = num_rows // 2 if guidance_scale != 1.0 else num_rows
+        if latents is None:
+            latents = torch.randn(
+                (num_independent, self.token_channels), generator=generator, dtype=torch.float32
+            ).to(conditions.device)
+        sample = latents.float().repeat(num_rows // num_independent, 1)
+        if not learned_variance:
+            sample = sample * scheduler.init_noise_sigma
+
+        condition_embedding = self.embed_conditions(conditions)  # computed once for all steps
+        timesteps = scheduler.timesteps
+        # Modulations of a chunk of steps in one batch: one pass over those weights instead of one per step.
+        steps_per_chunk = max(1, MODULATION_BUFFER_ELEMENTS // (num_rows * self.modulation_width))
+        for chunk_start in range(0, len(timesteps), steps_per_chunk):
+            chunk = timesteps[chunk_start : chunk_start + steps_per_chunk]
+            time_embedding = self.embed_timesteps(chunk.to(conditions.device))  # (steps, width)
+            modulations = self.modulations(time_embedding[:, None] + condition_embedding[None])  # (steps, n, k*width)
+            for offset, timestep in enumerate(chunk):
+                model_input = sample if learned_variance else scheduler.scale_model_input(sample, timestep)
+                model_output = self.denoise_with_guidance(
+                    model_input, [modulation[offset] for modulation in modulations], guidance_scale
+                ).float()
+                if learned_variance:
+                    step = scheduler.step(model_output, timestep, sample, generator=generator, temperature=temperature)
+                else:
+                    step = scheduler.step(model_output[:, : self.token_channels], timestep, sample, generator=generator)
+                sample = step.prev_sample
+        return sample
 
 
 class HarmonProjector(nn.Module):
@@ -357,7 +437,7 @@ class HarmonTrainingOutput(ModelOutput):
 
 @dataclass
 class HarmonGenerationState:
-    """Where a masked-autoregressive generation stands between rounds."""
+    """Where a masked-autoregressive generation stands between rounds (inside `generate_images`)."""
 
     prompt_cache: DynamicCache  # keys and values of the prompts, conditional rows then unconditional
     prompt_attention_mask: torch.Tensor  # (rows, prompt_length)
@@ -463,14 +543,6 @@ class HarmonModel(HarmonPreTrainedModel):
         self.proj_out = HarmonProjector(llm_width, config.encoder_hidden_size, llm_width)
         self.vae = AutoencoderKL.from_config({**config.vae_config, "scaling_factor": config.vae_scale})
         self.vae.requires_grad_(False)
-        # Not a module: its float64 tables stay on the CPU even when the weights are created on the meta device.
-        with torch.device("cpu"):
-            self.noise_scheduler = HarmonDiffusionScheduler(
-                num_train_timesteps=config.num_train_timesteps,
-                prediction_type=config.diffusion_prediction_type,
-                clip_sample=config.diffusion_clip_range is not None,
-                clip_sample_range=config.diffusion_clip_range or 1.0,
-            )
         self.post_init()
 
     def get_input_embeddings(self):
@@ -646,91 +718,6 @@ class HarmonModel(HarmonPreTrainedModel):
         encoded = encoded + self.proj_out(hidden).to(encoded.dtype)
         return HarmonRoundOutput(encoded=encoded, conditions=self.mar_decoder(encoded, mask, grid_size))
 
-    def make_sampling_scheduler(self, num_inference_steps: int | None = None) -> HarmonDiffusionScheduler:
-        """The reference sampler: the head's own process, respaced to `num_inference_steps`."""
-        with torch.device("cpu"):
-            scheduler = HarmonDiffusionScheduler.from_config(self.noise_scheduler.config)
-            scheduler.set_timesteps(self.config.num_inference_steps if num_inference_steps is None else num_inference_steps)
-        return scheduler
-
-    @torch.no_grad()
-    def sample_tokens(
-        self,
-        conditions: torch.Tensor,
-        scheduler=None,
-        guidance_scale: float = 1.0,
-        temperature: float = 1.0,
-        generator: torch.Generator | None = None,
-        latents: torch.Tensor | None = None,
-        step_noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Sample one latent token per condition row with the diffusion head.
-
-        `scheduler` is a [`HarmonDiffusionScheduler`] with its timesteps set (the default: the reference's 100 steps)
-        or any diffusers scheduler with `set_timesteps` already called and the head's `prediction_type`, which gets
-        the prediction alone (for example DPM-Solver++ for fewer steps; `temperature` applies to the Harmon scheduler
-        only). With guidance, `conditions` holds conditional rows then unconditional rows, and both halves start from
-        the same noise.
-        `latents` (start noise of the conditional half) and `step_noise` (num_steps, n, c) reproduce a recorded run.
-        Returns (n, c) in float32.
-        """
-        scheduler = scheduler if scheduler is not None else self.make_sampling_scheduler()
-        # Every call samples a fresh set of tokens: restart the scheduler (multistep solvers keep a history).
-        scheduler.set_timesteps(scheduler.num_inference_steps)
-        learned_variance = isinstance(scheduler, HarmonDiffusionScheduler)
-        num_rows = conditions.shape[0]
-        num_independent = num_rows // 2 if guidance_scale != 1.0 else num_rows
-        if latents is None:
-            latents = torch.randn(
-                (num_independent, self.config.token_channels), generator=generator, dtype=torch.float32
-            ).to(conditions.device)
-        sample = latents.float().repeat(num_rows // num_independent, 1)
-        if not learned_variance:
-            sample = sample * scheduler.init_noise_sigma
-
-        head = self.diffusion_head
-        condition_embedding = head.embed_conditions(conditions)  # computed once for all steps
-        timesteps = scheduler.timesteps
-        # Modulations of a chunk of steps in one batch: one pass over those weights instead of one per step.
-        steps_per_chunk = max(1, MODULATION_BUFFER_ELEMENTS // (num_rows * head.modulation_width))
-        for chunk_start in range(0, len(timesteps), steps_per_chunk):
-            chunk = timesteps[chunk_start : chunk_start + steps_per_chunk]
-            time_embedding = head.embed_timesteps(chunk.to(conditions.device))  # (steps, width)
-            modulations = head.modulations(time_embedding[:, None] + condition_embedding[None])  # (steps, n, k*width)
-            for offset, timestep in enumerate(chunk):
-                index = chunk_start + offset
-                model_input = sample if learned_variance else scheduler.scale_model_input(sample, timestep)
-                model_output = head.denoise_with_guidance(
-                    model_input, [modulation[offset] for modulation in modulations], guidance_scale
-                ).float()
-                if learned_variance:
-                    sample = scheduler.step(
-                        model_output,
-                        timestep,
-                        sample,
-                        generator=generator,
-                        variance_noise=None if step_noise is None else step_noise[index],
-                        temperature=temperature,
-                    ).prev_sample
-                else:
-                    prediction = model_output[:, : self.config.token_channels]
-                    sample = scheduler.step(prediction, timestep, sample, generator=generator).prev_sample
-        return sample
-
-    # -- training losses --------------------------------------------------------------------------------------------
-
-    def diffusion_loss_terms(self, target, conditions, timesteps, noise) -> dict[str, torch.Tensor]:
-        """Per-token `mse`, `vb` (bits, mean prediction detached) and `loss` = mse + vb of the diffusion head."""
-        noisy = self.noise_scheduler.add_noise(target, noise, timesteps)
-        output = self.diffusion_head(noisy, timesteps, conditions).float()
-        prediction, variance_value = output.split(self.config.token_channels, dim=-1)
-        prediction_target = self.noise_scheduler.training_target(target, noise, timesteps)
-        mse = ((prediction_target - prediction) ** 2).mean(dim=-1)
-        vb = self.noise_scheduler.variational_bound(
-            torch.cat([prediction.detach(), variance_value], dim=-1), target, noisy, timesteps
-        )
-        return {"mse": mse, "vb": vb, "loss": mse + vb}
-
     def random_mask(self, batch: int, num_tokens: int, generator=None, device=None) -> torch.Tensor:
         """MAR's training mask: a random order per image, ceil(L * r) first positions masked, r ~ truncated normal."""
         ratio = torch.empty(1)
@@ -787,7 +774,7 @@ class HarmonModel(HarmonPreTrainedModel):
             timesteps = torch.randint(0, self.config.num_train_timesteps, (len(target),), device=target.device)
         if noise is None:
             noise = torch.randn_like(target)
-        per_token = self.diffusion_loss_terms(target, conditions, timesteps, noise)["loss"]
+        per_token = self.diffusion_head.loss(target, conditions, timesteps, noise)["loss"]
         loss = (per_token * token_mask).sum() / token_mask.sum()
         return (loss, round_output.conditions) if return_conditions else loss
 
@@ -922,20 +909,72 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         )
 
     @torch.no_grad()
-    def prepare_image_generation(
+    def generate_images(
         self,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor,
         height: int | None = None,
         width: int | None = None,
+        num_iter: int = DEFAULT_NUM_ITER,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        guidance_schedule: str = "constant",
+        temperature: float = 1.0,
+        num_inference_steps: int | None = None,
         generator: torch.Generator | None = None,
         image_latents: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-    ) -> HarmonGenerationState:
-        """Cache the prompts and draw the generation orders (the settings are checked by `check_image_generation`)."""
+        scheduler=None,
+        callback=None,
+        should_stop=None,
+        output_type: str = "pt",
+    ) -> torch.Tensor:
+        """Masked-autoregressive text-to-image generation: the one sampling loop, which `HarmonPipeline` runs too.
+
+        `input_ids`/`attention_mask` hold the right-padded prompts in Harmon's template (see
+        `HarmonProcessor.generation_inputs`); with guidance (`guidance_scale != 1`) the first half are the conditional
+        prompts and the second half the unconditional ones. `image_latents` (b, h, w, c) with `mask` (b, h*w,
+        1 = generate) regenerates only the masked tokens. `scheduler` samples each round's tokens with the diffusion
+        head (default: the reference's, `num_inference_steps` of the head's own process; see
+        `HarmonDiffusionHead.sample` for others). After each round, `callback(round_index, num_masked, tokens)` sees
+        the tokens (b, h*w, c) and may return others to go on with; `should_stop()`, asked before each round, ends
+        the generation early. Returns pixels (b, 3, H, W), nominally in [-1, 1], or the latents (b, h, w, c) with
+        `output_type="latent"`.
+        """
         height = self.config.image_size if height is None else height
         width = self.config.image_size if width is None else width
+        if num_inference_steps is None:
+            num_inference_steps = self.config.num_inference_steps
+        self.check_image_generation(input_ids.shape[1], height, width, num_iter, guidance_scale, guidance_schedule,
+                                    temperature, num_inference_steps)
+        head = self.model.diffusion_head
+        if scheduler is None:
+            scheduler = head.make_sampling_scheduler(num_inference_steps)
+        else:
+            scheduler.set_timesteps(num_inference_steps)
+        state = self._start_image_generation(input_ids, attention_mask, height, width, guidance_scale, generator,
+                                             image_latents, mask)
+        batch, num_tokens = state.mask.shape
+        for round_index in range(num_iter):
+            if should_stop is not None and should_stop():
+                break
+            # The tokens still masked after this round (cosine schedule), taken in each image's own order.
+            num_masked_next = num_masked_after_round(round_index, num_iter, num_tokens, int(state.mask[0].sum()))
+            mask_next = torch.zeros_like(state.mask).scatter_(1, state.orders[:, :num_masked_next], 1.0)
+            to_predict = (state.mask - mask_next).bool()  # (b, h*w)
+            if to_predict.any():
+                conditions = self._round_conditions(state, to_predict)  # conditional rows, then unconditional
+                round_guidance = guidance_scale_at(guidance_scale, guidance_schedule, num_masked_next, num_tokens)
+                sampled = head.sample(conditions, scheduler, round_guidance, temperature, generator)
+                state.tokens[to_predict] = sampled[: int(to_predict.sum())].to(state.tokens.dtype)
+            state.mask = mask_next
+            if callback is not None:
+                replaced = callback(round_index, num_masked_next, state.tokens)
+                state.tokens = state.tokens if replaced is None else replaced
+        return state.latents if output_type == "latent" else self.decode_latents(state.latents)
+
+    def _start_image_generation(self, input_ids, attention_mask, height, width, guidance_scale, generator,
+                                image_latents, mask) -> HarmonGenerationState:
+        """Cache the prompts, set the tokens to keep (inpainting), and draw the generation orders."""
         stride = self.config.vae_stride
         num_prompts = input_ids.shape[0]
         if guidance_scale != 1.0 and num_prompts % 2:
@@ -972,76 +1011,14 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
             orders=orders,
         )
 
-    @torch.no_grad()
-    def generation_round(
-        self,
-        state: HarmonGenerationState,
-        round_index: int,
-        num_iter: int,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        guidance_schedule: str = "constant",
-        temperature: float = 1.0,
-        scheduler=None,
-        generator: torch.Generator | None = None,
-    ) -> HarmonGenerationState:
-        """Round `round_index` of `num_iter`: predict conditions for every token, sample the tokens whose turn it is."""
+    def _round_conditions(self, state: HarmonGenerationState, to_predict: torch.Tensor) -> torch.Tensor:
+        """The decoder's conditions for the tokens `to_predict` (b, h*w) of every prompt row: (rows * n, d_dec)."""
         batch, num_tokens = state.mask.shape
-        num_masked_now = int(state.mask[0].sum())
-        num_masked_next = num_masked_after_round(round_index, num_iter, num_tokens, num_masked_now)
-        mask_next = torch.zeros_like(state.mask).scatter_(1, state.orders[:, :num_masked_next], 1.0)
-        tokens_to_predict = (state.mask - mask_next).bool()
-        if tokens_to_predict.any():
-            round_output = self.model.run_round(
-                state.tokens, state.mask, state.grid_size, state.prompt_cache, state.prompt_attention_mask
-            )
-            conditions = round_output.conditions.reshape(-1, batch, num_tokens, round_output.conditions.shape[-1])
-            selected = conditions[:, tokens_to_predict].flatten(0, 1)  # conditional rows, then unconditional
-            round_guidance = guidance_scale_at(guidance_scale, guidance_schedule, num_masked_next, num_tokens)
-            sampled = self.model.sample_tokens(selected, scheduler, round_guidance, temperature, generator)
-            state.tokens[tokens_to_predict] = sampled[: int(tokens_to_predict.sum())].to(state.tokens.dtype)
-        state.mask = mask_next
-        return state
-
-    @torch.no_grad()
-    def generate_images(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor,
-        height: int | None = None,
-        width: int | None = None,
-        num_iter: int = DEFAULT_NUM_ITER,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        guidance_schedule: str = "constant",
-        temperature: float = 1.0,
-        num_inference_steps: int | None = None,
-        generator: torch.Generator | None = None,
-        image_latents: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-        output_type: str = "pt",
-    ) -> torch.Tensor:
-        """Masked-autoregressive text-to-image generation with the bare model.
-
-        `input_ids`/`attention_mask` hold the right-padded prompts in Harmon's template (see
-        `HarmonProcessor.generation_inputs`); with guidance (`guidance_scale != 1`) the first half are the conditional
-        prompts and the second half the unconditional ones. `image_latents` (b, h, w, c) with `mask` (b, h*w,
-        1 = generate) regenerates only the masked tokens. Returns pixels (b, 3, H, W), nominally in [-1, 1], or the
-        latents (b, h, w, c) with `output_type="latent"`.
-        """
-        height = self.config.image_size if height is None else height
-        width = self.config.image_size if width is None else width
-        if num_inference_steps is None:
-            num_inference_steps = self.config.num_inference_steps
-        self.check_image_generation(input_ids.shape[1], height, width, num_iter, guidance_scale, guidance_schedule,
-                                    temperature, num_inference_steps)
-        state = self.prepare_image_generation(
-            input_ids, attention_mask, height, width, guidance_scale, generator, image_latents, mask
+        round_output = self.model.run_round(
+            state.tokens, state.mask, state.grid_size, state.prompt_cache, state.prompt_attention_mask
         )
-        scheduler = self.model.make_sampling_scheduler(num_inference_steps)
-        for round_index in range(num_iter):
-            self.generation_round(
-                state, round_index, num_iter, guidance_scale, guidance_schedule, temperature, scheduler, generator
-            )
-        return state.latents if output_type == "latent" else self.decode_latents(state.latents)
+        conditions = round_output.conditions.reshape(-1, batch, num_tokens, round_output.conditions.shape[-1])
+        return conditions[:, to_predict].flatten(0, 1)
 
 
 __all__ = ["HarmonForConditionalGeneration", "HarmonModel", "HarmonPreTrainedModel"]
