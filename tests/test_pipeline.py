@@ -317,3 +317,54 @@ def test_the_pipeline_samples_with_the_models_one_loop(pipe, monkeypatch):
     schedules = [path.name for path in sources for line in path.read_text().splitlines()
                  if "num_masked_after_round(" in line and not line.lstrip().startswith("def ")]
     assert schedules == ["modeling_harmon.py"]
+
+
+MODEL_SETTINGS = {"num_iter": 3, "guidance_scale": 2.0, "guidance_schedule": "linear", "temperature": 0.8,
+                  "num_inference_steps": 5}
+
+
+def test_sampling_defaults_come_from_the_models_generation_config(pipe, monkeypatch):
+    """One source for the defaults: what the model's generation_config says, for the bare model and the pipeline."""
+    release = pipe.model.image_generation_defaults
+    assert release == {"num_iter": 64, "guidance_scale": 3.0, "guidance_schedule": "constant", "temperature": 1.0,
+                       "num_inference_steps": 100}
+    monkeypatch.setattr(pipe.model.generation_config, "image_generation", dict(MODEL_SETTINGS))
+    by_default = pipe("a red circle", generator=_seed(3), output_type="latent").images
+    assert torch.equal(by_default, pipe("a red circle", generator=_seed(3), output_type="latent",
+                                        **MODEL_SETTINGS).images)
+    assert not torch.equal(by_default, pipe("a red circle", generator=_seed(3), output_type="latent",
+                                            **{**MODEL_SETTINGS, "temperature": 1.0}).images)
+    inputs = pipe.processor.generation_inputs(["a red circle"])
+    bare = pipe.model.generate_images(inputs["input_ids"], inputs["attention_mask"], generator=_seed(3),
+                                      output_type="latent")
+    assert torch.equal(bare, by_default)
+
+
+def test_saved_and_converted_folders_carry_the_sampling_defaults(pipe, tiny_folder, tmp_path, monkeypatch):
+    import json
+
+    converted = json.loads((tiny_folder / "generation_config.json").read_text())["image_generation"]
+    assert converted["num_iter"] == 64 and converted["num_inference_steps"] == 100
+    monkeypatch.setattr(pipe.model.generation_config, "image_generation", dict(MODEL_SETTINGS))
+    pipe.save_pretrained(tmp_path)
+    assert HarmonPipeline.from_pretrained(tmp_path).model.image_generation_defaults == MODEL_SETTINGS
+
+
+def test_the_command_and_the_demo_start_from_the_models_defaults(pipe, tmp_path, monkeypatch):
+    from conftest import run_harmon
+    from harmon_hf.demo import HarmonDemo
+
+    monkeypatch.setattr(pipe.model.generation_config, "image_generation", dict(MODEL_SETTINGS))
+    pipe.save_pretrained(tmp_path / "model")
+    explicit = ["--rounds", "3", "--guidance", "2.0", "--temperature", "0.8", "--steps", "5"]
+    for name, flags in (("default.png", []), ("explicit.png", explicit)):
+        result = run_harmon("generate", "a red circle", "-o", tmp_path / name, "--model", tmp_path / "model", *flags)
+        assert result.returncode == 0, result.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "default.png")),
+                          np.asarray(Image.open(tmp_path / "explicit.png")))
+
+    page = HarmonDemo(pipe).blocks()
+    values = {block.elem_id: getattr(block, "value", None) for block in page.blocks.values()
+              if getattr(block, "elem_id", None)}
+    assert (values["generate-rounds"], values["generate-steps"], values["generate-guidance"],
+            values["generate-temperature"]) == (3, 5, 2.0, 0.8)

@@ -369,16 +369,15 @@ def _add_model_argument(parser):
 
 
 def _add_sampling_arguments(parser):
-    from .modeling.modeling_harmon import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_ITER
-
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same image (0)")
     parser.add_argument("--size", help="image size in pixels, N or HxW, multiples of 16 (the model's default)")
-    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE_SCALE,
-                        help=f"classifier-free guidance scale ({DEFAULT_GUIDANCE_SCALE})")
-    parser.add_argument("--rounds", type=int, default=DEFAULT_NUM_ITER,
-                        help=f"masked-autoregressive rounds ({DEFAULT_NUM_ITER})")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (the model's default, 3.0 "
+                                                       "for the releases)")
+    parser.add_argument("--rounds", type=int, help="masked-autoregressive rounds (the model's default, 64 for the "
+                                                   "releases)")
     parser.add_argument("--steps", type=int, help="diffusion steps per round (the model's default, 100 for the releases)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="diffusion sampling temperature (1.0)")
+    parser.add_argument("--temperature", type=float, help="diffusion sampling temperature (the model's default, 1.0 "
+                                                          "for the releases)")
     parser.add_argument("--n", type=int, default=1, help="images per prompt (1)")
 
 

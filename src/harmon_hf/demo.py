@@ -5,7 +5,6 @@ other launcher share both. The model is a loaded `HarmonPipeline`, a folder or H
 `$HARMON_MODEL`, else the bundled model.
 """
 
-import inspect
 import queue
 import random
 import threading
@@ -51,11 +50,6 @@ STACKED_SHAPES = str(EXAMPLES / "green-triangle-yellow-square.png")
 # Every model call (generation, inpainting, answers) joins this one concurrency group of size 1: the model runs one
 # request at a time, the queue shows the others their place in line.
 MODEL_CONCURRENCY = dict(concurrency_id="model", concurrency_limit=1)
-
-
-def _pipeline_default(name: str):
-    """A sampling setting's default in `HarmonPipeline.__call__`, so that the page starts where the pipeline does."""
-    return inspect.signature(HarmonPipeline.__call__).parameters[name].default
 
 
 def _user_error(message: str) -> gr.Error:
@@ -253,7 +247,7 @@ class HarmonDemo:
         self.lock = threading.Lock()
         config = pipeline.model.config
         self.native_size, self.stride = config.image_size, config.vae_stride
-        self.diffusion_steps = config.num_inference_steps  # the model's default for sampling
+        self.sampling_defaults = pipeline.model.image_generation_defaults  # where the settings start
         self.stop_buttons: dict[str, StopButton] = {}  # tab -> its Stop, made as the page is laid out
 
     # -- handlers: generators that yield between two steps, to show progress. `run_number` is the run's number with
@@ -393,7 +387,7 @@ class HarmonDemo:
                     width = gr.Number(self.native_size, label="Width", elem_id="width", **size)
                     num_images = gr.Slider(1, MAX_IMAGES_PER_PROMPT, value=1, step=1, precision=0, label="Images",
                                            elem_id="num-images")
-                settings = _sampling_settings("generate", self.diffusion_steps)
+                settings = _sampling_settings("generate", self.sampling_defaults)
             gallery = gr.Gallery(label="Images", format="png", columns=2, object_fit="contain", elem_id="gallery")
         gr.Examples([["a red circle left of a blue square"], ["a green triangle above a yellow square"],
                      ["three purple circles on a white background"]], inputs=[prompt])
@@ -428,7 +422,7 @@ class HarmonDemo:
                 prompt = gr.Textbox(label="Prompt", placeholder="a purple triangle", max_length=MAX_PROMPT_CHARACTERS,
                                     elem_id="inpaint-prompt")
                 run, stop = _run_and_stop_buttons("inpaint", "Inpaint")
-                settings = _sampling_settings("inpaint", self.diffusion_steps)
+                settings = _sampling_settings("inpaint", self.sampling_defaults)
             result = gr.Image(label="Result", format="png", interactive=False, height=420, elem_id="inpaint-result")
         gr.Examples([[TWO_SHAPES, "a purple triangle"], [STACKED_SHAPES, "a red circle"]], inputs=[editor, prompt])
         self._on_run("inpaint", [run.click, prompt.submit], stop, self.inpaint, inputs=[editor, prompt, *settings],
@@ -455,21 +449,21 @@ def _run_and_stop_buttons(tab: str, label: str) -> tuple[gr.Button, gr.Button]:
                 gr.Button("Stop", variant="stop", scale=1, elem_id=f"{tab}-stop"))
 
 
-def _sampling_settings(tab: str, diffusion_steps: int) -> SamplingSettings:
-    """The settings in an accordion that opens on demand, starting at the pipeline's defaults and the model's
-    `diffusion_steps`."""
+def _sampling_settings(tab: str, defaults: dict) -> SamplingSettings:
+    """The settings in an accordion that opens on demand, starting at the model's `defaults`
+    (`image_generation_defaults`)."""
     with gr.Accordion("Settings", open=False, elem_id=f"{tab}-settings"):
         negative_prompt = gr.Textbox(label="Negative prompt", placeholder="(Harmon's default: Generate an image.)",
                                      max_length=MAX_PROMPT_CHARACTERS, elem_id=f"{tab}-negative-prompt")
         with gr.Row():
-            guidance = gr.Slider(1.0, 10.0, value=_pipeline_default("guidance_scale"), step=0.1,
+            guidance = gr.Slider(1.0, 10.0, value=defaults["guidance_scale"], step=0.1,
                                  label="Guidance scale", elem_id=f"{tab}-guidance")
-            temperature = gr.Slider(0.1, 2.0, value=_pipeline_default("temperature"), step=0.05,
+            temperature = gr.Slider(0.1, 2.0, value=defaults["temperature"], step=0.05,
                                     label="Temperature", elem_id=f"{tab}-temperature")
         with gr.Row():
-            rounds = gr.Slider(1, MAX_ROUNDS, value=_pipeline_default("num_iter"), step=1, precision=0,
+            rounds = gr.Slider(1, MAX_ROUNDS, value=defaults["num_iter"], step=1, precision=0,
                                label="Rounds (masked-autoregressive steps)", elem_id=f"{tab}-rounds")
-            steps = gr.Slider(1, MAX_DIFFUSION_STEPS, value=diffusion_steps, step=1, precision=0,
+            steps = gr.Slider(1, MAX_DIFFUSION_STEPS, value=defaults["num_inference_steps"], step=1, precision=0,
                               label="Diffusion steps per round", elem_id=f"{tab}-steps")
         with gr.Row():
             seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id=f"{tab}-seed")

@@ -14,7 +14,6 @@ from diffusers.utils import BaseOutput
 from transformers import AutoModel, AutoProcessor
 
 from .modeling import HarmonDiffusionScheduler, HarmonForConditionalGeneration, HarmonProcessor
-from .modeling.modeling_harmon import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_ITER
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -175,10 +174,10 @@ class HarmonPipeline(DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_iter: int = DEFAULT_NUM_ITER,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        guidance_schedule: str = "constant",
-        temperature: float = 1.0,
+        num_iter: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_schedule: str | None = None,
+        temperature: float | None = None,
         num_inference_steps: int | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | None = None,
@@ -198,11 +197,14 @@ class HarmonPipeline(DiffusionPipeline):
             prompt: the text, or a list of texts.
             negative_prompt: replaces Harmon's unconditional prompt "Generate an image." in guidance.
             height, width: pixels, multiples of 16 (default: the model's image size, or `image`'s size).
+            num_iter, guidance_scale, guidance_schedule, temperature, num_inference_steps: None (the default) takes
+                the model's setting, `pipe.model.image_generation_defaults` (its generation_config; for the
+                releases 64 rounds, guidance 3.0, constant, temperature 1.0, 100 steps).
             num_iter: masked-autoregressive rounds (K).
             guidance_scale: classifier-free guidance; 1.0 disables it.
             guidance_schedule: "constant", or "linear" (growing with the share of generated tokens).
             temperature: scales the noise of each diffusion step (Harmon's scheduler only).
-            num_inference_steps: diffusion steps per round (default: the model's, 100 for the releases).
+            num_inference_steps: diffusion steps per round.
             num_images_per_prompt: images per prompt.
             generator: a `torch.Generator`; the same seed gives the same images.
             output_type: "pil", "np", "pt" (uint8) or "latent".
@@ -213,8 +215,12 @@ class HarmonPipeline(DiffusionPipeline):
         default_size = self.model.config.image_size
         height = height if height is not None else image.height if image is not None else default_size
         width = width if width is not None else image.width if image is not None else default_size
-        if num_inference_steps is None:
-            num_inference_steps = self.model.config.num_inference_steps
+        num_iter, guidance_scale, guidance_schedule, temperature, num_inference_steps = (
+            self.model.image_generation_settings(
+                num_iter=num_iter, guidance_scale=guidance_scale, guidance_schedule=guidance_schedule,
+                temperature=temperature, num_inference_steps=num_inference_steps,
+            ).values()
+        )
         self.check_inputs(prompt, negative_prompt, num_images_per_prompt, output_type, image, mask_image,
                           callback_on_step_end_tensor_inputs)
         self._interrupt = False

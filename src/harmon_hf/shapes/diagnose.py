@@ -141,7 +141,7 @@ def read_tokens(model, cells: list[int], tokens: torch.Tensor) -> list:
 def sample_without_guidance(model, conditions: torch.Tensor, seed: int) -> torch.Tensor:
     """The diffusion head's tokens (n, c) for conditions (n, d_dec), with the model's own sampler and steps."""
     head = model.model.diffusion_head
-    scheduler = head.make_sampling_scheduler(model.config.num_inference_steps)
+    scheduler = head.make_sampling_scheduler(model.image_generation_defaults["num_inference_steps"])
     return head.sample(conditions, scheduler, generator=torch.Generator().manual_seed(seed))
 
 

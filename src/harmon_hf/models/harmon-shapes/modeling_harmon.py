@@ -40,9 +40,9 @@ require_version("transformers>=5.24", "Harmon's modeling code needs it: pip inst
 MASK_RATIO_MEAN = 1.0
 # Pixel values farther than this outside [-1, 1] are taken for unnormalised input (e.g. 0..255).
 PIXEL_RANGE_TOLERANCE = 0.5
-# The release's sampling defaults; the diffusion steps per round are `config.num_inference_steps`.
-DEFAULT_NUM_ITER = 64
-DEFAULT_GUIDANCE_SCALE = 3.0
+# The release's sampling settings, the defaults of `generate_images` for a model whose generation_config names none
+# (its `image_generation` entry; the diffusion steps per round come from `config.num_inference_steps` there).
+RELEASE_IMAGE_GENERATION = {"num_iter": 64, "guidance_scale": 3.0, "guidance_schedule": "constant", "temperature": 1.0}
 # Upper bound on the diffusion head's precomputed modulations during sampling (elements; 64 MB in float32).
 MODULATION_BUFFER_ELEMENTS = 16 * 2**20
 
@@ -789,6 +789,24 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         self.model = HarmonModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+        # Saved with the model (generation_config.json), so that a converted or trained folder carries them. Not
+        # `guidance_scale`/`temperature` at the top level: `generate` would apply those to text. A generation config
+        # marked as made from the model config drops such entries when it is read back.
+        self.generation_config.image_generation = self.image_generation_defaults
+        self.generation_config._from_model_config = False
+
+    @property
+    def image_generation_defaults(self) -> dict:
+        """The settings `generate_images` (and the pipeline, the `harmon` command and the demo) use where a call
+        gives none: `generation_config.image_generation`, completed by the release's settings for a folder saved
+        without them."""
+        saved = getattr(self.generation_config, "image_generation", None) or {}
+        return {**RELEASE_IMAGE_GENERATION, "num_inference_steps": self.config.num_inference_steps, **saved}
+
+    def image_generation_settings(self, **settings) -> dict:
+        """`settings` (num_iter, guidance_scale, ... by name) with each None replaced by the model's default."""
+        defaults = self.image_generation_defaults
+        return {name: defaults[name] if value is None else value for name, value in settings.items()}
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
@@ -915,10 +933,10 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor,
         height: int | None = None,
         width: int | None = None,
-        num_iter: int = DEFAULT_NUM_ITER,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        guidance_schedule: str = "constant",
-        temperature: float = 1.0,
+        num_iter: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_schedule: str | None = None,
+        temperature: float | None = None,
         num_inference_steps: int | None = None,
         generator: torch.Generator | None = None,
         image_latents: torch.Tensor | None = None,
@@ -932,8 +950,9 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
 
         `input_ids`/`attention_mask` hold the right-padded prompts in Harmon's template (see
         `HarmonProcessor.generation_inputs`); with guidance (`guidance_scale != 1`) the first half are the conditional
-        prompts and the second half the unconditional ones. `image_latents` (b, h, w, c) with `mask` (b, h*w,
-        1 = generate) regenerates only the masked tokens. `scheduler` samples each round's tokens with the diffusion
+        prompts and the second half the unconditional ones. A sampling setting left at None is the model's
+        (`image_generation_defaults`). `image_latents` (b, h, w, c) with `mask` (b, h*w, 1 = generate) regenerates
+        only the masked tokens. `scheduler` samples each round's tokens with the diffusion
         head (default: the reference's, `num_inference_steps` of the head's own process; see
         `HarmonDiffusionHead.sample` for others). After each round, `callback(round_index, num_masked, tokens)` sees
         the tokens (b, h*w, c) and may return others to go on with; `should_stop()`, asked before each round, ends
@@ -942,8 +961,10 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         """
         height = self.config.image_size if height is None else height
         width = self.config.image_size if width is None else width
-        if num_inference_steps is None:
-            num_inference_steps = self.config.num_inference_steps
+        num_iter, guidance_scale, guidance_schedule, temperature, num_inference_steps = self.image_generation_settings(
+            num_iter=num_iter, guidance_scale=guidance_scale, guidance_schedule=guidance_schedule,
+            temperature=temperature, num_inference_steps=num_inference_steps,
+        ).values()
         self.check_image_generation(input_ids.shape[1], height, width, num_iter, guidance_scale, guidance_schedule,
                                     temperature, num_inference_steps)
         head = self.model.diffusion_head
