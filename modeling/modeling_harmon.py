@@ -974,7 +974,7 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
             scheduler.set_timesteps(num_inference_steps)
         state = self._start_image_generation(input_ids, attention_mask, height, width, guidance_scale, generator,
                                              image_latents, mask)
-        batch, num_tokens = state.mask.shape
+        num_tokens = state.mask.shape[1]
         for round_index in range(num_iter):
             if should_stop is not None and should_stop():
                 break
