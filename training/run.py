@@ -37,12 +37,9 @@ def reading_model(name: str):
     try:
         yield
     except Exception as error:
-        from harmon_hf import is_missing_folder
+        from harmon_hf.user_input import first_line, is_missing_folder
 
-        if is_missing_folder(name):
-            reason = "no such folder"
-        else:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = "no such folder" if is_missing_folder(name) else first_line(error)
         raise ValueError(f"cannot load model {name!r}: {reason}") from error
 
 

@@ -36,13 +36,6 @@ def bundled_model_path() -> Path | None:
     return BUNDLED_MODEL if (BUNDLED_MODEL / "config.json").is_file() else None
 
 
-def is_missing_folder(name: str) -> bool:
-    """Whether `name` can only mean a local folder, and there is none: a Hub id is NAME or OWNER/NAME, so for any
-    other missing path the Hub client's complaint about the id's form would hide that the folder is missing."""
-    looks_like_a_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-    return looks_like_a_path and not Path(name).expanduser().is_dir()
-
-
 def processor_for(config: HarmonConfig, tokenizer) -> HarmonProcessor:
     """The processor matching a model's configuration, around a tokenizer that knows `<image>`."""
     image_processor = HarmonImageProcessor(image_size=config.image_size, vae_stride=config.vae_stride)

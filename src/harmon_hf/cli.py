@@ -40,7 +40,8 @@ def load_pipeline(name: str | None, lora: str | None = None):
     import torch
     from transformers.utils import logging as transformers_logging
 
-    from . import HarmonPipeline, is_missing_folder
+    from . import HarmonPipeline
+    from .user_input import first_line, is_missing_folder
 
     name = name or default_model()
     transformers_logging.disable_progress_bar()  # loading is quick; keep stderr for progress of real work and errors
@@ -49,8 +50,7 @@ def load_pipeline(name: str | None, lora: str | None = None):
     try:
         pipeline = HarmonPipeline.from_pretrained(name, torch_dtype=torch.float32)
     except Exception as error:  # any failure to resolve or read a model is the user's model argument
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CommandError(f"cannot load model {name!r}: {first_line}") from error
+        raise CommandError(f"cannot load model {name!r}: {first_line(error)}") from error
     if lora is not None:
         from .training import load_with_adapter
 
@@ -97,10 +97,15 @@ def check_output(path: Path):
     """Refuse an output path that cannot be written, before the work that would go into it."""
     if path.is_dir():
         raise CommandError(f"{path} is a folder: give a file name")
+    from .user_input import unwritable_folder
+
     image_format(path)
-    folder = next(parent for parent in (path.parent, *path.parent.parents) if parent.exists())
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise CommandError(f"cannot write {path}: {folder} is not a writable folder")
+    try:
+        blocker = unwritable_folder(path.parent)
+    except OSError as error:  # a folder on the way that may not be searched
+        raise CommandError(f"cannot write {path}: {error.strerror or error}") from error
+    if blocker is not None:
+        raise CommandError(f"cannot write {path}: {blocker} is not a writable folder")
 
 
 def atomic_save(image, path: Path):

@@ -5,7 +5,6 @@ a shape the configuration contradicts or (unless allowed) a NaN or inf stops the
 """
 
 import json
-import os
 import pickle
 import re
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from accelerate import init_empty_weights
 
 from . import processor_for
+from .user_input import first_line, unwritable_folder
 from .modeling import HarmonConfig, HarmonForConditionalGeneration
 
 
@@ -191,11 +191,6 @@ def resolve_config(config: "str | Path | dict | HarmonConfig") -> HarmonConfig:
         raise ValueError(f"--config {path}: {error}") from error
 
 
-def _first_line(error: BaseException) -> str:
-    """The first line of an error's message (library messages run to paragraphs), or its type for an empty one."""
-    return next(iter(str(error).strip().splitlines()), type(error).__name__)
-
-
 def load_release_file(path: "str | Path") -> dict:
     """The tensors of a release file by name (an LDM checkpoint keeps them under "model"), loaded weights only.
 
@@ -210,7 +205,7 @@ def load_release_file(path: "str | Path") -> dict:
         raise ValueError(f"{path} holds objects other than tensors{what}, or is damaged; "
                          "it is not loaded, for safety") from None
     except Exception as error:  # a damaged file surfaces as RuntimeError, EOFError, KeyError...: all are the file's
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {_first_line(error)}") from error
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {first_line(error)}") from error
     if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
         loaded = loaded["model"]
     if not isinstance(loaded, dict):
@@ -309,11 +304,11 @@ def check_output_folder(output: Path):
     try:
         if output.exists() and not output.is_dir():
             raise ValueError(f"--output {output} is a file: give a folder")
-        folder = next(path for path in (output, *output.parents) if path.exists())
+        blocker = unwritable_folder(output)
     except OSError as error:  # a folder on the way that may not be searched
         raise ValueError(f"cannot write {output}: {error.strerror or error}") from error
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {output}: {folder} is not a writable folder")
+    if blocker is not None:
+        raise ValueError(f"cannot write {output}: {blocker} is not a writable folder")
 
 
 def convert(
@@ -346,7 +341,7 @@ def convert(
         try:
             loaded_tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         except Exception as error:  # any failure to resolve or read a tokenizer is the user's tokenizer argument
-            raise ValueError(f"cannot load the tokenizer {tokenizer}: {_first_line(error)}") from error
+            raise ValueError(f"cannot load the tokenizer {tokenizer}: {first_line(error)}") from error
         add_image_token(loaded_tokenizer, config)
     model = build_model(load_release_state_dict(checkpoint, vae, config, allow_nonfinite), config)
     model = model.to(getattr(torch, dtype))
