@@ -2,7 +2,13 @@
 
 from .configuration_harmon import HarmonConfig
 from .image_processing_harmon import HarmonImageProcessor
-from .modeling_harmon import HarmonForConditionalGeneration, HarmonModel, HarmonPreTrainedModel
+from .modeling_harmon import (
+    SAMPLING_PRESETS,
+    HarmonForConditionalGeneration,
+    HarmonModel,
+    HarmonPreTrainedModel,
+    HarmonSamplingPreset,
+)
 from .processing_harmon import HarmonProcessor
 from .scheduling_harmon import HarmonDiffusionScheduler
 
@@ -15,4 +21,6 @@ __all__ = [
     "HarmonModel",
     "HarmonPreTrainedModel",
     "HarmonProcessor",
+    "HarmonSamplingPreset",
+    "SAMPLING_PRESETS",
 ]

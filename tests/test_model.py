@@ -169,7 +169,7 @@ def test_bfloat16_end_to_end(tiny_model, golden):
     input_ids, attention_mask = _generation_prompts()
     image = model.generate_images(input_ids, attention_mask, height=64, width=64, num_iter=4, num_inference_steps=10,
                                   generator=torch.Generator().manual_seed(0))
-    assert image.dtype == torch.bfloat16 and torch.isfinite(image.float()).all()
+    assert image.dtype == torch.float32 and torch.isfinite(image).all()  # pixels in float32 whatever the weights
 
 
 @pytest.mark.parametrize(

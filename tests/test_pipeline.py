@@ -298,20 +298,21 @@ def test_a_scheduler_config_that_names_no_scheduler_is_refused_by_name(pipe, tmp
         HarmonPipeline.from_pretrained(tmp_path)
 
 
-def test_the_pipeline_samples_with_the_models_one_loop(pipe, monkeypatch):
+@pytest.mark.parametrize("preset", ["reference", "fast", "fastest"])
+def test_the_pipeline_samples_with_the_models_one_loop(pipe, monkeypatch, preset):
     """The pipeline (and so the `harmon` command, the Space and ShapesEval, which all call it) runs
-    `generate_images`, and gives its images; no other code walks the rounds."""
+    `generate_images`, and gives its images, for every preset; no other code walks the rounds."""
     from conftest import REPO
 
     inputs = pipe.processor.generation_inputs(["a red circle"])
     bare = pipe.model.generate_images(inputs["input_ids"], inputs["attention_mask"], generator=_seed(7),
-                                      output_type="latent", **FAST)
+                                      preset=preset, **FAST)
     calls = []
     generate_images = pipe.model.generate_images
     monkeypatch.setattr(pipe.model, "generate_images", lambda *a, **k: calls.append(k) or generate_images(*a, **k))
-    latents = pipe("a red circle", generator=_seed(7), output_type="latent", **FAST).images
+    images = pipe("a red circle", generator=_seed(7), output_type="pt", preset=preset, **FAST).images
     assert len(calls) == 1 and calls[0]["scheduler"] is pipe.scheduler
-    assert torch.equal(latents, bare)
+    assert torch.equal(images, pipe.processor.image_processor.postprocess(bare, "pt"))
     sources = [path for folder in ("src", "modeling", "spaces", "training") for path in (REPO / folder).rglob("*.py")
                if "models" not in path.parts]  # the bundled model's copy of modeling/ aside
     schedules = [path.name for path in sources for line in path.read_text().splitlines()
@@ -320,14 +321,14 @@ def test_the_pipeline_samples_with_the_models_one_loop(pipe, monkeypatch):
 
 
 MODEL_SETTINGS = {"num_iter": 3, "guidance_scale": 2.0, "guidance_schedule": "linear", "temperature": 0.8,
-                  "num_inference_steps": 5}
+                  "num_inference_steps": 5, "preset": "fastest"}
 
 
 def test_sampling_defaults_come_from_the_models_generation_config(pipe, monkeypatch):
     """One source for the defaults: what the model's generation_config says, for the bare model and the pipeline."""
     release = pipe.model.image_generation_defaults
     assert release == {"num_iter": 64, "guidance_scale": 3.0, "guidance_schedule": "constant", "temperature": 1.0,
-                       "num_inference_steps": 100}
+                       "num_inference_steps": 100, "preset": "reference"}
     monkeypatch.setattr(pipe.model.generation_config, "image_generation", dict(MODEL_SETTINGS))
     by_default = pipe("a red circle", generator=_seed(3), output_type="latent").images
     assert torch.equal(by_default, pipe("a red circle", generator=_seed(3), output_type="latent",
@@ -356,7 +357,7 @@ def test_the_command_and_the_demo_start_from_the_models_defaults(pipe, tmp_path,
 
     monkeypatch.setattr(pipe.model.generation_config, "image_generation", dict(MODEL_SETTINGS))
     pipe.save_pretrained(tmp_path / "model")
-    explicit = ["--rounds", "3", "--guidance", "2.0", "--temperature", "0.8", "--steps", "5"]
+    explicit = ["--rounds", "3", "--guidance", "2.0", "--temperature", "0.8", "--steps", "5", "--preset", "fastest"]
     for name, flags in (("default.png", []), ("explicit.png", explicit)):
         result = run_harmon("generate", "a red circle", "-o", tmp_path / name, "--model", tmp_path / "model", *flags)
         assert result.returncode == 0, result.stderr
@@ -367,4 +368,4 @@ def test_the_command_and_the_demo_start_from_the_models_defaults(pipe, tmp_path,
     values = {block.elem_id: getattr(block, "value", None) for block in page.blocks.values()
               if getattr(block, "elem_id", None)}
     assert (values["generate-rounds"], values["generate-steps"], values["generate-guidance"],
-            values["generate-temperature"]) == (3, 5, 2.0, 0.8)
+            values["generate-temperature"], values["generate-preset"]) == (3, 5, 2.0, 0.8, "fastest")

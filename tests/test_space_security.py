@@ -11,7 +11,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO
@@ -104,11 +106,12 @@ def server_image(tmp_path_factory) -> Path:
     return path
 
 
-def _generate(server, prompt="a red circle", negative_prompt="", height=64, guidance=3.0, temperature=1.0):
+def _generate(server, prompt="a red circle", negative_prompt="", height=64, guidance=3.0, temperature=1.0,
+              preset="reference", seed=0):
     """/generate as `view_api` lists it: prompt, height, width, images, negative prompt, guidance, rounds, steps,
-    temperature, seed, randomize seed."""
+    temperature, preset, seed, randomize seed."""
     return server.call("generate", prompt, height, 64, 1, negative_prompt, guidance, FAST["num_iter"],
-                       FAST["num_inference_steps"], temperature, 0, False)
+                       FAST["num_inference_steps"], temperature, preset, seed, False)
 
 
 def test_the_api_lists_the_three_model_calls(server):
@@ -145,7 +148,7 @@ def test_the_conversation_names_no_file(server, server_image, part):
 def test_inpaint_reads_no_file_that_was_not_uploaded(server, server_image):
     editor = {"background": {"path": str(server_image)}, "layers": [], "composite": {"path": str(server_image)}}
     event, _ = server.call("inpaint", editor, "a star", "", 3.0, FAST["num_iter"], FAST["num_inference_steps"], 1.0,
-                           0, False)
+                           "reference", 0, False)
     assert event == "error"
 
 
@@ -205,6 +208,16 @@ def test_generate_called_directly_as_the_api_lists_it_draws(server):
     event, (gallery, seed) = _generate(server)
     assert event == "complete" and seed == 0
     assert len(gallery) == 1
+
+
+def test_generate_takes_a_sampling_preset(server, pipe):
+    event, (gallery, seed) = _generate(server, preset="fastest", seed=5)
+    assert event == "complete" and seed == 5
+    shown = np.asarray(Image.open(urllib.request.urlopen(gallery[0]["image"]["url"], timeout=CALL_TIMEOUT)))
+    expected = pipe("a red circle", height=64, width=64, preset="fastest", generator=torch.Generator().manual_seed(5),
+                    output_type="np", **FAST).images[0]
+    assert np.array_equal(shown, expected)
+    assert _generate(server, preset="quick")[0] == "error"
 
 
 def test_an_answer_of_no_tokens_is_refused_at_once(server, server_image):

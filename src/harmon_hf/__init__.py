@@ -5,6 +5,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoProcessor
 
 from .modeling import (
+    SAMPLING_PRESETS,
     HarmonConfig,
     HarmonDiffusionScheduler,
     HarmonForConditionalGeneration,
@@ -12,6 +13,7 @@ from .modeling import (
     HarmonModel,
     HarmonPreTrainedModel,
     HarmonProcessor,
+    HarmonSamplingPreset,
 )
 
 
@@ -56,5 +58,7 @@ __all__ = [
     "HarmonPipelineOutput",
     "HarmonPreTrainedModel",
     "HarmonProcessor",
+    "HarmonSamplingPreset",
+    "SAMPLING_PRESETS",
     "processor_for",
 ]

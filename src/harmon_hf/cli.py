@@ -136,8 +136,17 @@ def _generator(seed: int):
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
+def check_preset(name: str | None):
+    """Refuse an unknown --preset before the model loads."""
+    if name is not None:
+        from .modeling.modeling_harmon import sampling_preset
+
+        sampling_preset(name)
+
+
 def _generation_kwargs(args) -> dict:
     height, width = parse_size(args.size)
+    check_preset(args.preset)
     return dict(
         height=height,
         width=width,
@@ -145,6 +154,7 @@ def _generation_kwargs(args) -> dict:
         guidance_scale=args.guidance,
         num_inference_steps=args.steps,
         temperature=args.temperature,
+        preset=args.preset,
         num_images_per_prompt=args.n,
     )
 
@@ -315,8 +325,9 @@ def _evaluate(args):
 
     if args.n < 5:
         raise CommandError(f"--n must be at least 5 (one sample per category), got {args.n}")
+    check_preset(args.preset)
     pipeline = load_pipeline(args.model)
-    sampling = {"num_inference_steps": args.steps}
+    sampling = {"num_inference_steps": args.steps, "preset": args.preset}
     if args.rounds is not None:
         sampling["num_iter"] = args.rounds
     if args.scheduler == "dpm-solver":
@@ -383,7 +394,14 @@ def _add_sampling_arguments(parser):
     parser.add_argument("--steps", type=int, help="diffusion steps per round (the model's default, 100 for the releases)")
     parser.add_argument("--temperature", type=float, help="diffusion sampling temperature (the model's default, 1.0 "
                                                           "for the releases)")
+    _add_preset_argument(parser)
     parser.add_argument("--n", type=int, default=1, help="images per prompt (1)")
+
+
+def _add_preset_argument(parser):
+    parser.add_argument("--preset", help="sampling preset: reference (the reference sampler, exact), fast or fastest "
+                                         "(see the README's Sampling presets; the model's default, reference for the "
+                                         "releases)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -454,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the test cases and the sampling (0)")
     evaluate.add_argument("--rounds", type=int, help="masked-autoregressive rounds (the pipeline's default)")
     evaluate.add_argument("--steps", type=int, help="diffusion-head steps (the model's default)")
+    _add_preset_argument(evaluate)
     evaluate.add_argument("--scheduler", choices=["harmon", "dpm-solver"], default="harmon",
                           help="diffusion-head sampler: the model's own (default) or DPM-Solver++ for few steps")
     evaluate.set_defaults(run=_evaluate)

@@ -22,6 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .answering import answer, image_question
 from .cli import CommandError, load_pipeline
+from .modeling import SAMPLING_PRESETS
 from .pipeline_harmon import HarmonPipeline
 
 
@@ -234,6 +235,7 @@ class SamplingSettings(NamedTuple):
     num_iter: gr.Slider
     num_inference_steps: gr.Slider
     temperature: gr.Slider
+    preset: gr.Dropdown
     seed: gr.Number
     randomize_seed: gr.Checkbox
 
@@ -254,7 +256,7 @@ class HarmonDemo:
     # its tab's StopButton; a stopped run leaves the outputs as they were.
 
     def generate(self, prompt, height, width, num_images, negative_prompt, guidance_scale, num_iter,
-                 num_inference_steps, temperature, seed, randomize_seed, run_number, request: gr.Request,
+                 num_inference_steps, temperature, preset, seed, randomize_seed, run_number, request: gr.Request,
                  progress=gr.Progress()):
         """Yields (images, seed) for the gallery and the seed field."""
         seed = self._seed(seed, randomize_seed)
@@ -262,13 +264,13 @@ class HarmonDemo:
             progress, self._stop_requested("generate", request, run_number), prompt, seed,
             negative_prompt=negative_prompt, height=height, width=width, num_images_per_prompt=num_images,
             guidance_scale=guidance_scale, num_iter=num_iter, num_inference_steps=num_inference_steps,
-            temperature=temperature,
+            temperature=temperature, preset=preset,
         )
         if images is not None:
             yield images, seed
 
     def inpaint(self, editor, prompt, negative_prompt, guidance_scale, num_iter, num_inference_steps, temperature,
-                seed, randomize_seed, run_number, request: gr.Request, progress=gr.Progress()):
+                preset, seed, randomize_seed, run_number, request: gr.Request, progress=gr.Progress()):
         """Yields (image, seed): the editor's background with its painted part regenerated."""
         if not editor or editor["background"] is None:
             raise _user_error("Upload an image, then paint over the part to regenerate.")
@@ -282,7 +284,7 @@ class HarmonDemo:
             progress, self._stop_requested("inpaint", request, run_number), prompt, seed,
             negative_prompt=negative_prompt, height=height, width=width, image=image, mask_image=mask,
             guidance_scale=guidance_scale, num_iter=num_iter, num_inference_steps=num_inference_steps,
-            temperature=temperature,
+            temperature=temperature, preset=preset,
         )
         if images is not None:
             yield images[0], seed
@@ -340,20 +342,19 @@ class HarmonDemo:
 
         def work(report, should_stop):
             def after_round(pipeline, round_index, num_masked, tensors):
-                report(round_index + 1)
+                report((round_index + 1, pipeline.num_timesteps))  # the preset may run fewer rounds than asked
                 pipeline._interrupt = should_stop()
                 return tensors
 
             generator = torch.Generator(device="cpu").manual_seed(seed)  # the same image on any device
             return self.pipeline(prompt, generator=generator, callback_on_step_end=after_round, **settings).images
 
-        rounds = settings["num_iter"]
-        progress((0, rounds), desc="Generating", unit="rounds")
+        progress(0, desc="Generating")
         yield gr.skip(), seed
         try:
             with BackgroundRun(work, self.lock, stop_requested) as run:
                 for finished_rounds in run:
-                    progress((finished_rounds, rounds), desc="Generating", unit="rounds")
+                    progress(finished_rounds, desc="Generating", unit="rounds")
                     yield gr.skip(), seed
                 return None if run.should_stop() else run.result
         except ValueError as error:  # the pipeline's checks of the settings
@@ -465,10 +466,14 @@ def _sampling_settings(tab: str, defaults: dict) -> SamplingSettings:
                                label="Rounds (masked-autoregressive steps)", elem_id=f"{tab}-rounds")
             steps = gr.Slider(1, MAX_DIFFUSION_STEPS, value=defaults["num_inference_steps"], step=1, precision=0,
                               label="Diffusion steps per round", elem_id=f"{tab}-steps")
+        # A model whose default is a custom preset (not a name) starts at None: the model's default.
+        preset = gr.Dropdown(list(SAMPLING_PRESETS), value=defaults["preset"] if isinstance(defaults["preset"], str)
+                             else None, label="Preset (reference: exact; fast, fastest: fewer rounds and steps, "
+                             "bfloat16 where the processor has it)", elem_id=f"{tab}-preset")
         with gr.Row():
             seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id=f"{tab}-seed")
             randomize = gr.Checkbox(True, label="Randomize seed", elem_id=f"{tab}-randomize-seed")
-    return SamplingSettings(negative_prompt, guidance, rounds, steps, temperature, seed, randomize)
+    return SamplingSettings(negative_prompt, guidance, rounds, steps, temperature, preset, seed, randomize)
 
 
 def _unavailable_page(reason: str) -> gr.Blocks:

@@ -13,7 +13,9 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from transformers import AutoModel, AutoProcessor
 
-from .modeling import HarmonDiffusionScheduler, HarmonForConditionalGeneration, HarmonProcessor
+from .modeling import (HarmonDiffusionScheduler, HarmonForConditionalGeneration, HarmonProcessor,
+                       HarmonSamplingPreset)
+from .modeling.modeling_harmon import sampling_preset
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -97,6 +99,12 @@ class HarmonPipeline(DiffusionPipeline):
     def interrupt(self) -> bool:
         return getattr(self, "_interrupt", False)
 
+    @property
+    def num_timesteps(self) -> int:
+        """The masked-autoregressive rounds of the call in progress (or the last call): the preset may run fewer
+        than `num_iter`."""
+        return self._num_timesteps
+
     def check_inputs(self, prompt, negative_prompt, num_images_per_prompt, output_type, image, mask_image,
                      callback_on_step_end_tensor_inputs):
         """The pipeline's own inputs; the sampling settings are the model's to check (`check_image_generation`)."""
@@ -179,6 +187,7 @@ class HarmonPipeline(DiffusionPipeline):
         guidance_schedule: str | None = None,
         temperature: float | None = None,
         num_inference_steps: int | None = None,
+        preset: str | dict | HarmonSamplingPreset | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | None = None,
         image: PIL.Image.Image | None = None,
@@ -205,6 +214,8 @@ class HarmonPipeline(DiffusionPipeline):
             guidance_schedule: "constant", or "linear" (growing with the share of generated tokens).
             temperature: scales the noise of each diffusion step (Harmon's scheduler only).
             num_inference_steps: diffusion steps per round.
+            preset: "reference" (the reference sampler, bit for bit), "fast", "fastest" or a `HarmonSamplingPreset`
+                (see `SAMPLING_PRESETS`; the README measures each).
             num_images_per_prompt: images per prompt.
             generator: a `torch.Generator`; the same seed gives the same images.
             output_type: "pil", "np", "pt" (uint8) or "latent".
@@ -215,12 +226,13 @@ class HarmonPipeline(DiffusionPipeline):
         default_size = self.model.config.image_size
         height = height if height is not None else image.height if image is not None else default_size
         width = width if width is not None else image.width if image is not None else default_size
-        num_iter, guidance_scale, guidance_schedule, temperature, num_inference_steps = (
+        num_iter, guidance_scale, guidance_schedule, temperature, num_inference_steps, preset = (
             self.model.image_generation_settings(
                 num_iter=num_iter, guidance_scale=guidance_scale, guidance_schedule=guidance_schedule,
-                temperature=temperature, num_inference_steps=num_inference_steps,
+                temperature=temperature, num_inference_steps=num_inference_steps, preset=preset,
             ).values()
         )
+        preset = sampling_preset(preset)
         self.check_inputs(prompt, negative_prompt, num_images_per_prompt, output_type, image, mask_image,
                           callback_on_step_end_tensor_inputs)
         self._interrupt = False
@@ -237,7 +249,9 @@ class HarmonPipeline(DiffusionPipeline):
             image_latents, token_mask = self.prepare_inpainting(image, mask_image, height, width, batch)
 
         # 4. Masked-autoregressive rounds: the model's sampling loop, with this pipeline's scheduler and callbacks
-        with self.progress_bar(total=num_iter) as progress_bar:
+        grid_tokens = (height // self.model.config.vae_stride) * (width // self.model.config.vae_stride)
+        self._num_timesteps = preset.num_rounds(num_iter, grid_tokens if token_mask is None else int(token_mask[0].sum()))
+        with self.progress_bar(total=self._num_timesteps) as progress_bar:
 
             def after_round(round_index, num_masked, tokens):
                 progress_bar.update()
@@ -246,17 +260,19 @@ class HarmonPipeline(DiffusionPipeline):
                 tensors = {"tokens": tokens} if "tokens" in callback_on_step_end_tensor_inputs else {}
                 return (callback_on_step_end(self, round_index, num_masked, tensors) or {}).get("tokens")
 
-            latents = self.model.generate_images(
+            # latents (b, h, w, c), or the VAE's pixels (b, 3, H, W)
+            generated = self.model.generate_images(
                 input_ids, attention_mask, height, width, num_iter, guidance_scale, guidance_schedule, temperature,
                 num_inference_steps, generator, image_latents, token_mask, scheduler=self.scheduler,
-                callback=after_round, should_stop=lambda: self.interrupt, output_type="latent",
+                callback=after_round, should_stop=lambda: self.interrupt,
+                output_type="latent" if output_type == "latent" else "pt", preset=preset,
             )
 
-        # 5. Decode
+        # 5. Postprocess
         if output_type == "latent":
-            images = latents
+            images = generated
         else:
-            images = self.processor.image_processor.postprocess(self.model.decode_latents(latents), output_type)
+            images = self.processor.image_processor.postprocess(generated, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)

@@ -8,9 +8,11 @@ prompt and come back as a residual; the MAR decoder turns them into one conditio
 MLP samples the still-masked tokens. K rounds of this reveal all tokens, which the VAE decodes to pixels.
 """
 
+import contextlib
 import math
 import numbers
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +44,9 @@ MASK_RATIO_MEAN = 1.0
 PIXEL_RANGE_TOLERANCE = 0.5
 # The release's sampling settings, the defaults of `generate_images` for a model whose generation_config names none
 # (its `image_generation` entry; the diffusion steps per round come from `config.num_inference_steps` there).
-RELEASE_IMAGE_GENERATION = {"num_iter": 64, "guidance_scale": 3.0, "guidance_schedule": "constant", "temperature": 1.0}
+RELEASE_IMAGE_GENERATION = {
+    "num_iter": 64, "guidance_scale": 3.0, "guidance_schedule": "constant", "temperature": 1.0, "preset": "reference",
+}
 # Upper bound on the diffusion head's precomputed modulations during sampling (elements; 64 MB in float32).
 MODULATION_BUFFER_ELEMENTS = 16 * 2**20
 
@@ -421,6 +425,108 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+@dataclass(frozen=True)
+class HarmonSamplingPreset:
+    """How much of the reference sampler's compute to spend: each field is one training-free technique, so that each
+    can be switched on alone (`HarmonSamplingPreset(bfloat16=True)`); `SAMPLING_PRESETS` names combinations. The
+    defaults are the reference sampler, bit for bit.
+
+    Args:
+        bfloat16: run the networks under bfloat16 autocast where the hardware computes in bfloat16 (CUDA GPUs that
+            support it, CPUs with AVX512-BF16 or AMX), float32 elsewhere. The sampler's arithmetic stays float32.
+        round_fraction: run ceil(fraction * R) rounds instead of `num_iter`, R = min(num_iter, tokens to generate)
+            (the rounds that reveal something).
+        first_round_steps: diffusion steps of the first round, as a fraction of `num_inference_steps`.
+        last_round_steps: diffusion steps of the last round; the steps fall linearly over the rounds from the
+            first's to these (DiSA, arXiv 2505.20297: later tokens, conditioned on most of the image, need fewer).
+            None: every round takes the first round's steps.
+        guidance_refresh: the unconditional prompts go through the LLM and the MAR decoder every `guidance_refresh`
+            rounds; in the rounds between, the unconditional conditions are the conditional ones minus their
+            difference in the last refreshed round (LazyMAR's condition cache, ICCV 2025). 1: every round.
+    """
+
+    bfloat16: bool = False
+    round_fraction: float = 1.0
+    first_round_steps: float = 1.0
+    last_round_steps: int | None = None
+    guidance_refresh: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.bfloat16, bool):
+            raise ValueError(f"bfloat16 must be True or False, got {self.bfloat16!r}")
+        for name in ("round_fraction", "first_round_steps"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0 < value <= 1:
+                raise ValueError(f"{name} must be a fraction in (0, 1], got {value!r}")
+        if self.last_round_steps is not None and (not _is_integer(self.last_round_steps) or self.last_round_steps < 1):
+            raise ValueError(f"last_round_steps must be a positive integer or None, got {self.last_round_steps!r}")
+        if not _is_integer(self.guidance_refresh) or self.guidance_refresh < 1:
+            raise ValueError(f"guidance_refresh must be a positive integer, got {self.guidance_refresh!r}")
+
+    def num_rounds(self, num_iter: int, num_to_generate: int) -> int:
+        """Rounds to run for `num_iter` requested rounds and `num_to_generate` tokens per image."""
+        if self.round_fraction == 1:
+            return num_iter
+        return max(1, math.ceil(self.round_fraction * min(num_iter, num_to_generate)))
+
+    def diffusion_steps(self, round_index: int, num_rounds: int, num_inference_steps: int) -> int:
+        """Diffusion steps of round `round_index` of `num_rounds`."""
+        first = max(1, math.ceil(self.first_round_steps * num_inference_steps))
+        if self.last_round_steps is None or num_rounds == 1:
+            return first
+        last = min(first, self.last_round_steps)
+        return last + (first - last) * (num_rounds - 1 - round_index) // (num_rounds - 1)
+
+    def refreshes_guidance(self, round_index: int) -> bool:
+        return round_index % self.guidance_refresh == 0
+
+    def numerics(self, device: torch.device):
+        """The context to run the networks in: bfloat16 autocast where asked for and native, else float32 as is."""
+        if self.bfloat16 and computes_bfloat16_natively(device):
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+# Measured on Harmon-Shapes and timed on the 0.5B configuration: see the README's "Sampling presets".
+SAMPLING_PRESETS = {
+    "reference": HarmonSamplingPreset(),
+    "fast": HarmonSamplingPreset(
+        bfloat16=True, round_fraction=0.5, first_round_steps=0.5, last_round_steps=5, guidance_refresh=2
+    ),
+    "fastest": HarmonSamplingPreset(
+        bfloat16=True, round_fraction=0.25, first_round_steps=0.5, last_round_steps=5, guidance_refresh=2
+    ),
+}
+
+
+def sampling_preset(preset) -> HarmonSamplingPreset:
+    """A preset given by name (`SAMPLING_PRESETS`), as a dict of `HarmonSamplingPreset` fields (how a
+    generation_config may hold one), or as a `HarmonSamplingPreset`."""
+    if isinstance(preset, HarmonSamplingPreset):
+        return preset
+    if dataclasses.is_dataclass(preset) and type(preset).__name__ == HarmonSamplingPreset.__name__:
+        preset = dataclasses.asdict(preset)  # the same class from another copy of this file (Hub remote code)
+    if isinstance(preset, str):
+        if preset not in SAMPLING_PRESETS:
+            raise ValueError(f"preset must be one of {sorted(SAMPLING_PRESETS)} or a HarmonSamplingPreset, got {preset!r}")
+        return SAMPLING_PRESETS[preset]
+    if isinstance(preset, dict):
+        unknown = set(preset) - {field.name for field in fields(HarmonSamplingPreset)}
+        if unknown:
+            raise ValueError(f"unknown sampling preset fields {sorted(unknown)}: see HarmonSamplingPreset")
+        return HarmonSamplingPreset(**preset)
+    raise ValueError(f"preset must be a name, a dict or a HarmonSamplingPreset, got {type(preset).__name__}")
+
+
+def computes_bfloat16_natively(device: torch.device) -> bool:
+    """Whether `device` has bfloat16 arithmetic units (elsewhere bfloat16 is emulated and slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
 def scale_gradient(tensor: torch.Tensor, scale: float) -> torch.Tensor:
     """Identity in the forward pass; multiplies the gradient by `scale` in the backward pass."""
     detached = tensor.detach()
@@ -445,6 +551,10 @@ class HarmonGenerationState:
     tokens: torch.Tensor  # (b, h*w, c) generated or given tokens, zeros where still masked
     mask: torch.Tensor  # (b, h*w) 1 = still to generate
     orders: torch.Tensor  # (b, h*w) generation order of each image, masked positions first
+    # Guidance reuse (HarmonSamplingPreset.guidance_refresh > 1): the conditional prompts alone, and the conditional
+    # minus unconditional conditions (b, h*w, d_dec) of the last round that ran both.
+    conditional_prompt_cache: DynamicCache | None = None
+    guidance_difference: torch.Tensor | None = None
 
     @property
     def latents(self) -> torch.Tensor:
@@ -945,6 +1055,7 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         callback=None,
         should_stop=None,
         output_type: str = "pt",
+        preset: str | dict | HarmonSamplingPreset | None = None,
     ) -> torch.Tensor:
         """Masked-autoregressive text-to-image generation: the one sampling loop, which `HarmonPipeline` runs too.
 
@@ -954,48 +1065,57 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         (`image_generation_defaults`). `image_latents` (b, h, w, c) with `mask` (b, h*w, 1 = generate) regenerates
         only the masked tokens. `scheduler` samples each round's tokens with the diffusion
         head (default: the reference's, `num_inference_steps` of the head's own process; see
-        `HarmonDiffusionHead.sample` for others). After each round, `callback(round_index, num_masked, tokens)` sees
-        the tokens (b, h*w, c) and may return others to go on with; `should_stop()`, asked before each round, ends
-        the generation early. Returns pixels (b, 3, H, W), nominally in [-1, 1], or the latents (b, h, w, c) with
-        `output_type="latent"`.
+        `HarmonDiffusionHead.sample` for others). `preset` ("reference", "fast", "fastest" or a
+        `HarmonSamplingPreset`) trades exactness for speed. After each round, `callback(round_index, num_masked,
+        tokens)` sees the tokens (b, h*w, c) and may return others to go on with; `should_stop()`, asked before each
+        round, ends the generation early. Returns float32 pixels (b, 3, H, W), nominally in [-1, 1], or the latents
+        (b, h, w, c) with `output_type="latent"`.
         """
         height = self.config.image_size if height is None else height
         width = self.config.image_size if width is None else width
-        num_iter, guidance_scale, guidance_schedule, temperature, num_inference_steps = self.image_generation_settings(
-            num_iter=num_iter, guidance_scale=guidance_scale, guidance_schedule=guidance_schedule,
-            temperature=temperature, num_inference_steps=num_inference_steps,
-        ).values()
+        num_iter, guidance_scale, guidance_schedule, temperature, num_inference_steps, preset = (
+            self.image_generation_settings(
+                num_iter=num_iter, guidance_scale=guidance_scale, guidance_schedule=guidance_schedule,
+                temperature=temperature, num_inference_steps=num_inference_steps, preset=preset,
+            ).values()
+        )
+        preset = sampling_preset(preset)
         self.check_image_generation(input_ids.shape[1], height, width, num_iter, guidance_scale, guidance_schedule,
                                     temperature, num_inference_steps)
         head = self.model.diffusion_head
         if scheduler is None:
             scheduler = head.make_sampling_scheduler(num_inference_steps)
-        else:
-            scheduler.set_timesteps(num_inference_steps)
-        state = self._start_image_generation(input_ids, attention_mask, height, width, guidance_scale, generator,
-                                             image_latents, mask)
-        num_tokens = state.mask.shape[1]
-        for round_index in range(num_iter):
-            if should_stop is not None and should_stop():
-                break
-            # The tokens still masked after this round (cosine schedule), taken in each image's own order.
-            num_masked_next = num_masked_after_round(round_index, num_iter, num_tokens, int(state.mask[0].sum()))
-            mask_next = torch.zeros_like(state.mask).scatter_(1, state.orders[:, :num_masked_next], 1.0)
-            to_predict = (state.mask - mask_next).bool()  # (b, h*w)
-            if to_predict.any():
-                conditions = self._round_conditions(state, to_predict)  # conditional rows, then unconditional
-                round_guidance = guidance_scale_at(guidance_scale, guidance_schedule, num_masked_next, num_tokens)
-                sampled = head.sample(conditions, scheduler, round_guidance, temperature, generator)
-                state.tokens[to_predict] = sampled[: int(to_predict.sum())].to(state.tokens.dtype)
-            state.mask = mask_next
-            if callback is not None:
-                replaced = callback(round_index, num_masked_next, state.tokens)
-                state.tokens = state.tokens if replaced is None else replaced
-        return state.latents if output_type == "latent" else self.decode_latents(state.latents)
+        with preset.numerics(self.lm_head.weight.device):
+            state = self._start_image_generation(input_ids, attention_mask, height, width, guidance_scale, generator,
+                                                 image_latents, mask, reuses_guidance=preset.guidance_refresh > 1)
+            num_tokens = state.mask.shape[1]
+            num_rounds = preset.num_rounds(num_iter, int(state.mask[0].sum()))
+            for round_index in range(num_rounds):
+                if should_stop is not None and should_stop():
+                    break
+                # The tokens still masked after this round (cosine schedule), taken in each image's own order.
+                num_masked_next = num_masked_after_round(round_index, num_rounds, num_tokens, int(state.mask[0].sum()))
+                mask_next = torch.zeros_like(state.mask).scatter_(1, state.orders[:, :num_masked_next], 1.0)
+                to_predict = (state.mask - mask_next).bool()  # (b, h*w)
+                if to_predict.any():
+                    # conditional rows, then unconditional
+                    conditions = self._round_conditions(state, to_predict, preset.refreshes_guidance(round_index))
+                    round_guidance = guidance_scale_at(guidance_scale, guidance_schedule, num_masked_next, num_tokens)
+                    scheduler.set_timesteps(preset.diffusion_steps(round_index, num_rounds, num_inference_steps))
+                    sampled = head.sample(conditions, scheduler, round_guidance, temperature, generator)
+                    state.tokens[to_predict] = sampled[: int(to_predict.sum())].to(state.tokens.dtype)
+                state.mask = mask_next
+                if callback is not None:
+                    replaced = callback(round_index, num_masked_next, state.tokens)
+                    state.tokens = state.tokens if replaced is None else replaced
+            if output_type == "latent":
+                return state.latents
+            return self.decode_latents(state.latents).float()
 
     def _start_image_generation(self, input_ids, attention_mask, height, width, guidance_scale, generator,
-                                image_latents, mask) -> HarmonGenerationState:
-        """Cache the prompts, set the tokens to keep (inpainting), and draw the generation orders."""
+                                image_latents, mask, reuses_guidance: bool) -> HarmonGenerationState:
+        """Cache the prompts (and the conditional ones alone, to reuse guidance), set the tokens to keep (inpainting),
+        and draw the generation orders."""
         stride = self.config.vae_stride
         num_prompts = input_ids.shape[0]
         if guidance_scale != 1.0 and num_prompts % 2:
@@ -1023,23 +1143,49 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         # Masked positions come first in every random order, so only they are generated.
         scores = torch.rand(batch, num_tokens, generator=generator).to(device)
         orders = torch.argsort(scores - 2.0 * mask, dim=1)
+        input_ids = input_ids.to(device)
+        conditional_prompt_cache = None
+        if reuses_guidance and guidance_scale != 1.0:
+            conditional_prompt_cache = self.model.prefill_prompt(input_ids[:batch], attention_mask[:batch])
         return HarmonGenerationState(
-            prompt_cache=self.model.prefill_prompt(input_ids.to(device), attention_mask),
+            prompt_cache=self.model.prefill_prompt(input_ids, attention_mask),
             prompt_attention_mask=attention_mask,
             grid_size=grid_size,
             tokens=tokens,
             mask=mask,
             orders=orders,
+            conditional_prompt_cache=conditional_prompt_cache,
         )
 
-    def _round_conditions(self, state: HarmonGenerationState, to_predict: torch.Tensor) -> torch.Tensor:
-        """The decoder's conditions for the tokens `to_predict` (b, h*w) of every prompt row: (rows * n, d_dec)."""
+    def _round_conditions(self, state: HarmonGenerationState, to_predict: torch.Tensor,
+                          refresh_guidance: bool) -> torch.Tensor:
+        """The decoder's conditions for the tokens `to_predict` (b, h*w) of every prompt row: (rows * n, d_dec).
+
+        With guidance reuse, a round that does not `refresh_guidance` runs the conditional prompts alone and takes
+        the unconditional conditions as conditional minus the difference kept from the last refreshed round.
+        """
         batch, num_tokens = state.mask.shape
+        reuses = state.conditional_prompt_cache is not None and not refresh_guidance
         round_output = self.model.run_round(
-            state.tokens, state.mask, state.grid_size, state.prompt_cache, state.prompt_attention_mask
+            state.tokens,
+            state.mask,
+            state.grid_size,
+            state.conditional_prompt_cache if reuses else state.prompt_cache,
+            state.prompt_attention_mask[:batch] if reuses else state.prompt_attention_mask,
         )
         conditions = round_output.conditions.reshape(-1, batch, num_tokens, round_output.conditions.shape[-1])
+        if state.conditional_prompt_cache is not None:
+            if reuses:
+                conditions = torch.stack([conditions[0], conditions[0] - state.guidance_difference])
+            else:
+                state.guidance_difference = conditions[0] - conditions[1]
         return conditions[:, to_predict].flatten(0, 1)
 
 
-__all__ = ["HarmonForConditionalGeneration", "HarmonModel", "HarmonPreTrainedModel"]
+__all__ = [
+    "HarmonForConditionalGeneration",
+    "HarmonModel",
+    "HarmonPreTrainedModel",
+    "HarmonSamplingPreset",
+    "SAMPLING_PRESETS",
+]
