@@ -25,6 +25,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.versions import require_version
 
@@ -156,8 +157,9 @@ class HarmonMAREncoder(nn.Module):
             config, width, config.encoder_num_hidden_layers, config.encoder_num_attention_heads
         )
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-        """tokens (b, h*w, c), mask (b, h*w) with 1 = masked -> (b, buffer_size + visible, d), buffers first.
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None, grid_size: tuple[int, int]) -> torch.Tensor:
+        """tokens (b, h*w, c), mask (b, h*w) with 1 = masked, or None for all visible (understanding) ->
+        (b, buffer_size + visible, d), buffers first.
 
         Every row must have the same number of masked tokens.
         """
@@ -166,8 +168,9 @@ class HarmonMAREncoder(nn.Module):
         buffers = self.buffer_embedding.expand(batch, self.buffer_size, -1)
         position = buffered_position_embedding(self.pos_embed, self.buffer_size, self.base_grid_size, grid_size)
         embeddings = self.token_norm(torch.cat([buffers, embeddings], dim=1) + position)
-        visible = embeddings[visible_positions(mask, self.buffer_size)].reshape(batch, -1, embeddings.shape[-1])
-        return self.stack(visible)
+        if mask is not None:  # a data-dependent selection; with every token visible there is none to make
+            embeddings = embeddings[visible_positions(mask, self.buffer_size)].reshape(batch, -1, embeddings.shape[-1])
+        return self.stack(embeddings)
 
 
 class HarmonMARDecoder(nn.Module):
@@ -679,10 +682,11 @@ class HarmonModel(HarmonPreTrainedModel):
         stride = self.config.vae_stride
         if height % stride or width % stride:
             raise ValueError(f"image sides must be multiples of {stride}, got {height}x{width}")
-        low, high = pixel_values.min().item(), pixel_values.max().item()
-        if low < -1 - PIXEL_RANGE_TOLERANCE or high > 1 + PIXEL_RANGE_TOLERANCE:
+        # Checks of the data run eagerly only: traced, they would break torch.compile's graph and torch.export.
+        if not torch.compiler.is_compiling() and not (pixel_values.abs() <= 1 + PIXEL_RANGE_TOLERANCE).all():
             raise ValueError(
-                f"pixel_values must be normalised to [-1, 1] (x / 255 * 2 - 1), got values in [{low:.3g}, {high:.3g}]"
+                f"pixel_values must be normalised to [-1, 1] (x / 255 * 2 - 1), got values in "
+                f"[{pixel_values.min().item():.3g}, {pixel_values.max().item():.3g}]"
             )
 
     @torch.no_grad()
@@ -713,8 +717,8 @@ class HarmonModel(HarmonPreTrainedModel):
 
     # -- understanding ------------------------------------------------------------------------------------------
 
-    def encode_visible_tokens(self, tokens: torch.Tensor, mask: torch.Tensor, grid_size: tuple[int, int]):
-        """MAR encoder on the visible tokens -> (encoder features (b, buffer + visible, d_enc),
+    def encode_visible_tokens(self, tokens: torch.Tensor, mask: torch.Tensor | None, grid_size: tuple[int, int]):
+        """MAR encoder on the visible tokens (mask None: all) -> (encoder features (b, buffer + visible, d_enc),
         LLM inputs (b, visible + buffer, d_llm): projected, image tokens first and buffers last)."""
         encoded = self.mar_encoder(tokens, mask, grid_size)
         projected = self.proj_in(encoded)
@@ -726,9 +730,27 @@ class HarmonModel(HarmonPreTrainedModel):
         latents = self.encode_images(pixel_values)
         batch, height, width, channels = latents.shape
         tokens = latents.reshape(batch, height * width, channels)
-        _, features = self.encode_visible_tokens(tokens, tokens.new_zeros(batch, height * width), (height, width))
+        _, features = self.encode_visible_tokens(tokens, None, (height, width))
         return features
 
+    def get_placeholder_mask(self, input_ids, inputs_embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """(b, L, 1), True at the image placeholders: the `image_token_id`s of `input_ids`, or, given embeddings
+        alone, the positions that hold that token's embedding. Their number must match the features (b', n, d)."""
+        if input_ids is None:
+            image_token = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+            placeholders = (inputs_embeds == self.get_input_embeddings()(image_token)).all(-1)
+        else:
+            placeholders = input_ids == self.config.image_token_id
+        num_features = features.shape[0] * features.shape[1]
+        if not torch.compiler.is_compiling() and placeholders.sum() != num_features:  # eagerly: see check_pixel_values
+            raise ValueError(
+                f"The prompt has {int(placeholders.sum())} image placeholder tokens (id {self.config.image_token_id}) "
+                f"but {features.shape[0]} image(s) give {num_features} features ({features.shape[1]} per image): the "
+                "two must be equal"
+            )
+        return placeholders.unsqueeze(-1)
+
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -748,19 +770,10 @@ class HarmonModel(HarmonPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is not None:
-            if input_ids is None:
-                raise ValueError("pixel_values need input_ids with image placeholder tokens to replace")
-            features = self.get_image_features(pixel_values)
-            placeholders = input_ids == self.config.image_token_id
-            num_placeholders, num_features = int(placeholders.sum()), features.shape[0] * features.shape[1]
-            if num_placeholders != num_features:
-                raise ValueError(
-                    f"The prompt has {num_placeholders} image placeholder tokens (id {self.config.image_token_id}) "
-                    f"but {features.shape[0]} image(s) give {num_features} features "
-                    f"({features.shape[1]} per image): the two must be equal"
-                )
+            features = self.get_image_features(pixel_values)  # (b, n, d_llm)
+            placeholders = self.get_placeholder_mask(input_ids, inputs_embeds, features)
             features = scale_gradient(features, self.config.visual_gradient_scale).to(inputs_embeds.dtype)
-            inputs_embeds = inputs_embeds.masked_scatter(placeholders.unsqueeze(-1), features)
+            inputs_embeds = inputs_embeds.masked_scatter(placeholders, features)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -893,6 +906,7 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
     """Harmon with the LM head: understanding (`forward`, `generate`) and image generation (`generate_images`)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: HarmonConfig):
         super().__init__(config)
@@ -936,6 +950,7 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self.model.decode_latents(latents)
 
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -954,8 +969,9 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast | HarmonTrainingOutput:
         """Understanding: every `image_token_id` in `input_ids` is replaced, in order, by the visual features.
 
-        With `labels` (-100 = ignored) the loss is the next-token cross-entropy; the gradient reaching the visual
-        features is scaled by `config.visual_gradient_scale`.
+        With `labels` (-100 = ignored) the loss is the next-token cross-entropy, averaged over the batch's label
+        tokens or, with `num_items_in_batch` (the Trainer's, under gradient accumulation), summed and divided by it;
+        the gradient reaching the visual features is scaled by `config.visual_gradient_scale`.
 
         Training on several tasks: `task_batches` maps "text_to_image" (prompts and target `pixel_values`),
         "image_to_text" and "text" (inputs with `labels`) to their batches; the output's loss is the sum of the task
@@ -976,8 +992,12 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        if labels is not None or kwargs.get("shift_labels") is not None:
+            # kwargs carry the Trainer's num_items_in_batch (the mean over all tokens of an accumulated batch) and
+            # shift_labels (labels already shifted, e.g. split for context parallelism).
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
