@@ -48,6 +48,8 @@ PIXEL_RANGE_TOLERANCE = 0.5
 RELEASE_IMAGE_GENERATION = {
     "num_iter": 64, "guidance_scale": 3.0, "guidance_schedule": "constant", "temperature": 1.0, "preset": "reference",
 }
+# The auto classes besides AutoModel that a folder saved with the remote code names (its config's auto_map).
+REMOTE_CODE_AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForMultimodalLM")
 # Upper bound on the diffusion head's precomputed modulations during sampling (elements; 64 MB in float32).
 MODULATION_BUFFER_ELEMENTS = 16 * 2**20
 
@@ -931,6 +933,15 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         """`settings` (num_iter, guidance_scale, ... by name) with each None replaced by the model's default."""
         defaults = self.image_generation_defaults
         return {name: defaults[name] if value is None else value for name, value in settings.items()}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Saved as remote code (`register_for_auto_class`), the folder also answers to the auto classes of
+        # understanding (`pipeline("image-text-to-text")`, any-to-any) and of causal LMs.
+        if self._auto_class is not None:
+            target = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}),
+                                    **{auto_class: target for auto_class in REMOTE_CODE_AUTO_CLASSES}}
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()

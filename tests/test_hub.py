@@ -25,6 +25,9 @@ def test_saved_config_names_the_remote_code(tiny_folder):
     assert config["auto_map"] == {
         "AutoConfig": "configuration_harmon.HarmonConfig",
         "AutoModel": "modeling_harmon.HarmonForConditionalGeneration",
+        "AutoModelForCausalLM": "modeling_harmon.HarmonForConditionalGeneration",
+        "AutoModelForImageTextToText": "modeling_harmon.HarmonForConditionalGeneration",
+        "AutoModelForMultimodalLM": "modeling_harmon.HarmonForConditionalGeneration",
     }
 
 

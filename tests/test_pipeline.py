@@ -222,7 +222,7 @@ def test_streamed_answer_equals_the_generated_one(pipe, capsys):
     inputs = pipe.processor(text=text, images=image)
     stop_ids = pipe.processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     generated = pipe.model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=stop_ids)
-    assert pipe.processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:])[0] == streamed
+    assert pipe.processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1]:])[0] == streamed
 
 
 def test_multi_turn_chat_keeps_the_image_and_history(pipe):

@@ -96,12 +96,13 @@ def test_negative_prompt_takes_the_unconditional_slot(processor):
         processor.generation_inputs(["red"], negative_prompt=["a", "b"])
 
 
-def test_batch_decode_strips_the_chat_markup(processor):
+def test_post_processing_strips_the_chat_markup(processor):
     text = "<|im_start|>user\n<image>\nColour?<|im_end|>\n<|im_start|>assistant\nA red circle.<|im_end|><|endoftext|>"
     ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert processor.batch_decode([ids]) == ["A red circle."]
+    assert processor.post_process_image_text_to_text([ids]) == ["A red circle."]
     answer_only = processor.tokenizer("A red circle.<|im_end|>", add_special_tokens=False)["input_ids"]
-    assert processor.decode(answer_only) == "A red circle."
+    assert processor.post_process_image_text_to_text(answer_only) == ["A red circle."]
+    assert processor.post_process_image_text_to_text(answer_only, skip_special_tokens=False) == ["A red circle."]
 
 
 # Qwen2.5's ids, written out from the reference template: <|im_start|> 151644, user 872, "\n" 198, <|im_end|> 151645,

@@ -2,7 +2,15 @@
 
 from pathlib import Path
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoModelForMultimodalLM,
+    AutoProcessor,
+)
 
 from .modeling import (
     SAMPLING_PRESETS,
@@ -18,8 +26,8 @@ from .modeling import (
 
 
 AutoConfig.register(HarmonConfig.model_type, HarmonConfig, exist_ok=True)
-AutoModel.register(HarmonConfig, HarmonForConditionalGeneration, exist_ok=True)
-AutoModelForCausalLM.register(HarmonConfig, HarmonForConditionalGeneration, exist_ok=True)
+for auto_model in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMultimodalLM):
+    auto_model.register(HarmonConfig, HarmonForConditionalGeneration, exist_ok=True)
 AutoImageProcessor.register(HarmonConfig, slow_image_processor_class=HarmonImageProcessor, exist_ok=True)
 AutoProcessor.register(HarmonConfig, HarmonProcessor, exist_ok=True)
 # Saved folders carry the modeling files and load with `trust_remote_code=True` where harmon_hf is not installed.

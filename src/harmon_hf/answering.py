@@ -30,4 +30,4 @@ def answer(pipeline, messages: list[dict], images: list, max_new_tokens: int, st
     output = model.generate(**inputs, max_new_tokens=min(max_new_tokens, positions_left), do_sample=False,
                             eos_token_id=answer_stop_ids(processor.tokenizer), streamer=streamer,
                             stopping_criteria=stopping_criteria)
-    return processor.decode(output[0, prompt_length:])
+    return processor.post_process_image_text_to_text(output[0, prompt_length:])[0]

@@ -55,7 +55,7 @@ def answer_questions(model, processor, questions: list[str], images: list | None
     output = model.generate(**inputs, max_new_tokens=8, do_sample=False,
                             eos_token_id=answer_stop_ids(processor.tokenizer),
                             pad_token_id=processor.tokenizer.pad_token_id)
-    return [normalise_answer(answer) for answer in processor.batch_decode(output[:, inputs["input_ids"].shape[1]:])]
+    return [normalise_answer(answer) for answer in processor.post_process_image_text_to_text(output[:, inputs["input_ids"].shape[1]:])]
 
 
 def evaluate_understanding(pipeline, count: int, seed: int = 0, batch_size: int = 50,

@@ -1,5 +1,6 @@
 """HarmonProcessor: Harmon's chat template, image placeholders and text-to-image prompts around a Qwen2 tokenizer."""
 
+import numbers
 import re
 
 from transformers.feature_extraction_utils import BatchFeature
@@ -60,7 +61,7 @@ class HarmonProcessor(ProcessorMixin):
         if text is None:
             raise ValueError("HarmonProcessor needs text (with one <image> marker per image)")
         texts = [text] if isinstance(text, str) else list(text)
-        images = [] if images is None else images if isinstance(images, (list, tuple)) else [images]
+        images = _flat_list(images)  # chat templates give one list of images per conversation
         num_markers = sum(t.count(IMAGE_TOKEN) for t in texts)
         if num_markers != len(images):
             raise ValueError(f"the text has {num_markers} {IMAGE_TOKEN} marker(s) but {len(images)} image(s) were given")
@@ -102,21 +103,38 @@ class HarmonProcessor(ProcessorMixin):
                                   return_tensors=return_tensors)
         return BatchFeature(dict(encoding), tensor_type=return_tensors)
 
-    def decode_answer(self, text: str) -> str:
-        """The last assistant turn of a decoded sequence, without the chat markup."""
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
+        """The assistant's answer in each sequence of generated ids ((b, L) or (L,), with or without the prompt):
+        the text after the last `<|im_start|>assistant\n`, up to `<|im_end|>`, without special tokens unless
+        `skip_special_tokens=False`. `decode` and `batch_decode` decode everything, as the tokenizer does."""
+        if _is_one_sequence(generated_outputs):
+            generated_outputs = [generated_outputs]
+        texts = self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=False, **kwargs)
+        return [self._answer(text, skip_special_tokens) for text in texts]
+
+    def _answer(self, text: str, skip_special_tokens: bool) -> str:
         if _ASSISTANT_START in text:
             text = text.rsplit(_ASSISTANT_START, 1)[1]
         text = text.split(_TURN_END, 1)[0]
-        special = "|".join(re.escape(token) for token in self.tokenizer.all_special_tokens + [IMAGE_TOKEN])
-        return re.sub(special, "", text).strip() if special else text.strip()
+        if skip_special_tokens:
+            special = "|".join(re.escape(token) for token in self.tokenizer.all_special_tokens + [IMAGE_TOKEN])
+            text = re.sub(special, "", text)
+        return text.strip()
 
-    def batch_decode(self, sequences, **kwargs) -> list[str]:
-        """Decode generated ids (with or without the prompt) to the answers alone."""
-        kwargs["skip_special_tokens"] = False
-        return [self.decode_answer(text) for text in self.tokenizer.batch_decode(sequences, **kwargs)]
 
-    def decode(self, sequence, **kwargs) -> str:
-        return self.batch_decode([sequence], **kwargs)[0]
+def _is_one_sequence(ids) -> bool:
+    if hasattr(ids, "ndim"):
+        return ids.ndim == 1
+    return len(ids) > 0 and isinstance(ids[0], numbers.Integral)
+
+
+def _flat_list(images) -> list:
+    """Images given one, as a list, or as nested lists (one per conversation) -> one flat list, in order."""
+    if images is None:
+        return []
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    return [image for item in images for image in _flat_list(item)]
 
 
 __all__ = ["HarmonProcessor"]

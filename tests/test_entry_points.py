@@ -1,0 +1,94 @@
+"""Understanding through transformers' own doors: the auto classes and pipeline("image-text-to-text") with
+chat-format input, with harmon_hf installed and as remote code without it."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoModelForMultimodalLM, pipeline
+
+from harmon_hf import HarmonForConditionalGeneration
+from harmon_hf.answering import answer, image_question
+
+
+QUESTION = "What colour is the shape?"
+
+
+def _chat(image) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
+
+
+@pytest.fixture(scope="module")
+def red_image():
+    return Image.new("RGB", (64, 64), (220, 30, 30))
+
+
+def test_the_auto_classes_for_image_text_to_text_give_harmon(harmon_folder):
+    for auto_class in (AutoModelForImageTextToText, AutoModelForMultimodalLM):
+        assert type(auto_class.from_pretrained(harmon_folder)) is HarmonForConditionalGeneration
+    auto_map = json.loads((harmon_folder / "config.json").read_text())["auto_map"]
+    for name in ("AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForMultimodalLM"):
+        assert auto_map[name] == "modeling_harmon.HarmonForConditionalGeneration", name
+
+
+def test_apply_chat_template_returns_model_inputs(pipe, red_image):
+    inputs = pipe.processor.apply_chat_template(_chat(red_image), tokenize=True, return_dict=True,
+                                                add_generation_prompt=True, return_tensors="pt")
+    text = pipe.processor.apply_chat_template([image_question(QUESTION)], add_generation_prompt=True)
+    expected = pipe.processor(text=text, images=[red_image])
+    assert torch.equal(inputs["input_ids"], expected["input_ids"])
+    assert torch.equal(inputs["pixel_values"], expected["pixel_values"])
+
+
+def test_post_processing_strips_the_chat_markup_and_decode_does_not(pipe):
+    processor = pipe.processor
+    prompt = processor.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    ids = processor.tokenizer(prompt + "A red circle.<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert processor.post_process_image_text_to_text([ids]) == ["A red circle."]
+    assert processor.decode(ids) == processor.tokenizer.decode(ids)
+    assert processor.batch_decode([ids]) == processor.tokenizer.batch_decode([ids])
+
+
+def test_the_image_text_to_text_pipeline_answers_a_chat(pipe, harmon_folder, red_image):
+    expected = answer(pipe, [image_question(QUESTION)], [red_image], max_new_tokens=6)
+    chat = pipeline("image-text-to-text", model=str(harmon_folder))
+    output = chat(text=_chat(red_image), max_new_tokens=6, return_full_text=False)
+    assert output[0]["generated_text"] == expected
+
+
+REMOTE_PIPELINE_SCRIPT = textwrap.dedent(
+    """
+    import sys, importlib.abc
+
+    class BlockHarmonHF(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "harmon_hf" or name.startswith("harmon_hf."):
+                raise ImportError("harmon_hf is blocked in this test")
+
+    sys.meta_path.insert(0, BlockHarmonHF())
+    from PIL import Image
+    from transformers import pipeline
+
+    chat = pipeline("image-text-to-text", model=sys.argv[1], trust_remote_code=True)
+    assert "harmon_hf" not in sys.modules
+    image = Image.new("RGB", (64, 64), (220, 30, 30))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": sys.argv[2]}]}]
+    print("ANSWER:" + chat(text=messages, max_new_tokens=6, return_full_text=False)[0]["generated_text"])
+    """
+)
+
+
+def test_the_pipeline_answers_as_remote_code_without_harmon_hf(pipe, harmon_folder, red_image, tmp_path):
+    script = tmp_path / "remote_pipeline.py"
+    script.write_text(REMOTE_PIPELINE_SCRIPT)
+    environment = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(script), str(harmon_folder), QUESTION], capture_output=True,
+                            text=True, env=environment, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = answer(pipe, [image_question(QUESTION)], [red_image], max_new_tokens=6)
+    assert result.stdout.split("ANSWER:", 1)[1].rstrip("\n") == expected
