@@ -68,7 +68,7 @@ def test_generate_and_describe_default_to_the_bundled_model(tmp_path):
 
 
 def test_the_pipeline_and_the_space_default_to_the_bundled_model(monkeypatch):
-    from harmon_hf.demo import load_pipeline
+    from harmon_hf.loading import load_pipeline
 
     assert HarmonPipeline.from_pretrained().model.name_or_path == str(BUNDLED_MODEL)
     monkeypatch.delenv("HARMON_MODEL", raising=False)

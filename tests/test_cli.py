@@ -183,7 +183,7 @@ def test_no_model_anywhere_is_one_line_error(monkeypatch, capsys):
     from harmon_hf.cli import main
 
     monkeypatch.setenv("HARMON_MODEL", "")
-    monkeypatch.setattr(harmon_hf, "bundled_model_path", lambda: None)  # a package built without the bundled model
+    monkeypatch.setattr(harmon_hf.bundled_model, "bundled_model_path", lambda: None)  # a package built without the bundled model
     assert main(["generate", "x"]) == 1
     assert "no model given" in capsys.readouterr().err
 

@@ -388,7 +388,7 @@ def test_sessions_at_once_each_get_their_own_images(app, open_page, expected_pip
 
 
 def test_without_a_model_the_page_says_what_to_do(serve, open_page, monkeypatch):
-    monkeypatch.setattr(harmon_hf, "bundled_model_path", lambda: None)
+    monkeypatch.setattr(harmon_hf.bundled_model, "bundled_model_path", lambda: None)
     page = open_page(serve())
     message = page.element("#no-model").text
     page.screenshot("no-model")

@@ -1,7 +1,5 @@
 """harmon-hf: Harmon (unified multimodal understanding and generation) for the Hugging Face ecosystem."""
 
-from pathlib import Path
-
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -12,6 +10,7 @@ from transformers import (
     AutoProcessor,
 )
 
+from .bundled_model import BUNDLED_MODEL, bundled_model_path
 from .modeling import (
     SAMPLING_PRESETS,
     HarmonConfig,
@@ -35,15 +34,6 @@ HarmonConfig.register_for_auto_class()
 HarmonForConditionalGeneration.register_for_auto_class("AutoModel")
 HarmonImageProcessor.register_for_auto_class("AutoImageProcessor")
 HarmonProcessor.register_for_auto_class("AutoProcessor")
-
-
-# Harmon-Shapes, the small model trained by this project's own recipe (`training/recipes/shapes/build.sh`),
-# shipped inside the package as the default model.
-BUNDLED_MODEL = Path(__file__).parent / "models" / "harmon-shapes"
-
-
-def bundled_model_path() -> Path | None:
-    return BUNDLED_MODEL if (BUNDLED_MODEL / "config.json").is_file() else None
 
 
 def processor_for(config: HarmonConfig, tokenizer) -> HarmonProcessor:

@@ -9,8 +9,9 @@ import tempfile
 import threading
 from pathlib import Path
 
+from .loading import MODEL_ENVIRONMENT_VARIABLE, load_pipeline
 
-MODEL_ENVIRONMENT_VARIABLE = "HARMON_MODEL"
+
 DPM_SOLVER_STEPS = 20  # diffusion-head steps of `harmon eval --scheduler dpm-solver` unless --steps says otherwise
 # DPM-Solver++ on the cosine schedule starts where alpha is ~5e-5 and its x_0 estimate explodes; diffusers' remedy
 # is to start from the step where lambda = log(alpha / sigma) reaches this value (its documented value for cosine).
@@ -19,45 +20,6 @@ DPM_SOLVER_LAMBDA_MIN = -5.1
 
 class CommandError(Exception):
     """A problem with the user's input, reported as one line."""
-
-
-# -- loading --------------------------------------------------------------------------------------------------------
-
-
-def default_model() -> str:
-    """The model to use when --model is not given: $HARMON_MODEL, else the bundled model if it is installed."""
-    from . import bundled_model_path
-
-    if os.environ.get(MODEL_ENVIRONMENT_VARIABLE):
-        return os.environ[MODEL_ENVIRONMENT_VARIABLE]
-    bundled = bundled_model_path()
-    if bundled is None:
-        raise CommandError(f"no model given: pass --model PATH_OR_HUB_ID or set {MODEL_ENVIRONMENT_VARIABLE}")
-    return str(bundled)
-
-
-def load_pipeline(name: str | None, lora: str | None = None):
-    import torch
-    from transformers.utils import logging as transformers_logging
-
-    from . import HarmonPipeline
-    from .user_input import first_line, is_missing_folder
-
-    name = name or default_model()
-    transformers_logging.disable_progress_bar()  # loading is quick; keep stderr for progress of real work and errors
-    if is_missing_folder(name):
-        raise CommandError(f"no such model folder: {name}")
-    try:
-        pipeline = HarmonPipeline.from_pretrained(name, torch_dtype=torch.float32)
-    except Exception as error:  # any failure to resolve or read a model is the user's model argument
-        raise CommandError(f"cannot load model {name!r}: {first_line(error)}") from error
-    if lora is not None:
-        from .training import load_with_adapter
-
-        pipeline.register_modules(model=load_with_adapter(pipeline.model, lora))
-    if torch.cuda.is_available():
-        pipeline.to("cuda")
-    return pipeline
 
 
 def open_image(path: str):

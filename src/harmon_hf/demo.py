@@ -21,7 +21,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .answering import answer, image_question
-from .cli import CommandError, load_pipeline
+from .loading import load_pipeline
 from .modeling import SAMPLING_PRESETS
 from .pipeline_harmon import HarmonPipeline
 
@@ -490,7 +490,7 @@ def build_demo(model: HarmonPipeline | str | None = None) -> gr.Blocks:
         return HarmonDemo(model).blocks()
     try:
         pipeline = load_pipeline(model)
-    except CommandError as error:
+    except ValueError as error:  # no model to load, or one that cannot be loaded
         return _unavailable_page(str(error))
     return HarmonDemo(pipeline).blocks()
 

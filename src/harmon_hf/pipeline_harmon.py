@@ -13,6 +13,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from transformers import AutoModel, AutoProcessor
 
+from . import bundled_model
 from .modeling import (HarmonDiffusionScheduler, HarmonForConditionalGeneration, HarmonProcessor,
                        HarmonSamplingPreset)
 from .modeling.modeling_harmon import sampling_preset
@@ -64,9 +65,7 @@ class HarmonPipeline(DiffusionPipeline):
         """Model and processor from one model folder or Hub repository; its `scheduler/` subfolder if it has one.
         Without a name: Harmon-Shapes, the small model bundled with harmon-hf."""
         if pretrained_model_name_or_path is None:
-            from . import bundled_model_path
-
-            pretrained_model_name_or_path = bundled_model_path()
+            pretrained_model_name_or_path = bundled_model.bundled_model_path()
             if pretrained_model_name_or_path is None:
                 raise ValueError("no model given and no bundled model is installed: pass a model folder or Hub id")
         model = AutoModel.from_pretrained(

@@ -10,7 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .. import BUNDLED_MODEL
+from ..bundled_model import BUNDLED_MODEL
 from .build import SHAPES_TEXT_CONFIG
 from .cases import GENERATION_CATEGORIES
 from .world import CELLS, DEFAULT_REGION, HELD_OUT, IMAGE_SIZE, QUESTION_TYPES

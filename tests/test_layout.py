@@ -1,0 +1,77 @@
+"""The package's layout: imports flow one way (modeling -> pipeline/training -> the command line and the demo),
+with no circle, and the entry points import nothing they do not need before a command runs."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+
+# Where each subpackage of harmon_hf lives in the source tree (pyproject's package-dir).
+PACKAGE_FOLDERS = {"harmon_hf": REPO / "src" / "harmon_hf", "harmon_hf.modeling": REPO / "modeling",
+                   "harmon_hf.training": REPO / "training"}
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for package, folder in PACKAGE_FOLDERS.items():
+        for path in folder.rglob("*.py"):
+            relative = path.relative_to(folder).with_suffix("")
+            if "models" in relative.parts:  # the bundled model's copy of modeling/
+                continue
+            parts = [part for part in relative.parts if part != "__init__"]
+            name = ".".join([package, *parts])
+            if name.split(".")[:2] == ["harmon_hf", "modeling"] and package == "harmon_hf":
+                continue
+            modules[name] = path
+    return modules
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package modules that `name` imports, at any level (module or function)."""
+    is_package = path.name == "__init__.py"
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".")[: len(name.split(".")) - node.level + (1 if is_package else 0)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            # `from package import module` depends on the module; `from module import name`, on the module
+            candidates = [f"{target}.{alias.name}" if f"{target}.{alias.name}" in modules else target
+                          for alias in node.names]
+        elif isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        else:
+            continue
+        found |= {candidate for candidate in candidates if candidate in modules and candidate != name}
+    return found
+
+
+def test_nothing_in_the_package_imports_the_command_line():
+    modules = _modules()
+    importers = [name for name, path in modules.items() if "harmon_hf.cli" in _imports(name, path, modules)]
+    assert importers == []
+
+
+def test_the_package_has_no_import_circle():
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    state, circles = {}, []
+
+    def visit(node, trail):
+        state[node] = "open"
+        for target in graph.get(node, ()):
+            if state.get(target) == "open":
+                circles.append(trail[trail.index(target):] + [target])
+            elif target not in state:
+                visit(target, trail + [target])
+        state[node] = "done"
+
+    for name in graph:
+        if name not in state:
+            visit(name, [name])
+    assert circles == []
