@@ -92,3 +92,17 @@ def test_the_pipeline_answers_as_remote_code_without_harmon_hf(pipe, harmon_fold
     assert result.returncode == 0, result.stderr[-3000:]
     expected = answer(pipe, [image_question(QUESTION)], [red_image], max_new_tokens=6)
     assert result.stdout.split("ANSWER:", 1)[1].rstrip("\n") == expected
+
+
+def test_the_pipeline_follows_diffusers_conventions(pipe, harmon_folder):
+    """`dtype=` as both libraries spell it now, the scheduler among the components, the call's guidance."""
+    from harmon_hf import HarmonPipeline
+
+    assert HarmonPipeline.from_pretrained(harmon_folder, dtype=torch.bfloat16).model.dtype == torch.bfloat16
+    assert HarmonPipeline.from_pretrained(harmon_folder, torch_dtype=torch.bfloat16).model.dtype == torch.bfloat16
+    assert set(pipe.components) == {"model", "processor", "scheduler"}
+    assert HarmonPipeline(**pipe.components).scheduler is pipe.scheduler
+    pipe("a red circle", guidance_scale=2.5, num_iter=2, num_inference_steps=2, output_type="latent")
+    assert pipe.guidance_scale == 2.5 and pipe.do_classifier_free_guidance
+    pipe("a red circle", guidance_scale=1.0, num_iter=2, num_inference_steps=2, output_type="latent")
+    assert not pipe.do_classifier_free_guidance

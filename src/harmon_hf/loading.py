@@ -35,7 +35,7 @@ def load_pipeline(name: str | None, lora: str | None = None):
     if is_missing_folder(name):
         raise ValueError(f"no such model folder: {name}")
     try:
-        pipeline = HarmonPipeline.from_pretrained(name, torch_dtype=torch.float32)
+        pipeline = HarmonPipeline.from_pretrained(name, dtype=torch.float32)
     except Exception as error:  # any failure to resolve or read a model is the user's model argument
         raise ValueError(f"cannot load model {name!r}: {first_line(error)}") from error
     if lora is not None:

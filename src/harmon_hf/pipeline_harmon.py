@@ -51,6 +51,7 @@ class HarmonPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "model"
+    _optional_components = ["scheduler"]  # made from the model's own process when not given, yet a component
     _callback_tensor_inputs = ["tokens"]
 
     def __init__(self, model: HarmonForConditionalGeneration, processor: HarmonProcessor, scheduler=None):
@@ -61,15 +62,18 @@ class HarmonPipeline(DiffusionPipeline):
         self._call_lock = threading.RLock()  # see _one_call_at_a_time
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path=None, torch_dtype=None, trust_remote_code=False, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path=None, dtype=None, trust_remote_code=False, torch_dtype=None,
+                        **kwargs):
         """Model and processor from one model folder or Hub repository; its `scheduler/` subfolder if it has one.
-        Without a name: Harmon-Shapes, the small model bundled with harmon-hf."""
+        Without a name: Harmon-Shapes, the small model bundled with harmon-hf. `torch_dtype` is the older spelling
+        of `dtype`."""
+        dtype = dtype if dtype is not None else torch_dtype
         if pretrained_model_name_or_path is None:
             pretrained_model_name_or_path = bundled_model.bundled_model_path()
             if pretrained_model_name_or_path is None:
                 raise ValueError("no model given and no bundled model is installed: pass a model folder or Hub id")
         model = AutoModel.from_pretrained(
-            pretrained_model_name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
+            pretrained_model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
         )
         processor = AutoProcessor.from_pretrained(pretrained_model_name_or_path, trust_remote_code=trust_remote_code)
         scheduler = None
@@ -97,6 +101,15 @@ class HarmonPipeline(DiffusionPipeline):
     @property
     def interrupt(self) -> bool:
         return getattr(self, "_interrupt", False)
+
+    @property
+    def guidance_scale(self) -> float:
+        """The classifier-free guidance of the call in progress (or the last call)."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale != 1.0
 
     @property
     def num_timesteps(self) -> int:
@@ -232,6 +245,7 @@ class HarmonPipeline(DiffusionPipeline):
             ).values()
         )
         preset = sampling_preset(preset)
+        self._guidance_scale = guidance_scale
         self.check_inputs(prompt, negative_prompt, num_images_per_prompt, output_type, image, mask_image,
                           callback_on_step_end_tensor_inputs)
         self._interrupt = False
