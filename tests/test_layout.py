@@ -1,9 +1,7 @@
 """The package's layout: imports flow one way (modeling -> pipeline/training -> the command line and the demo),
-with no circle, and the entry points import nothing they do not need before a command runs."""
+with no circle."""
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
 
 from conftest import REPO

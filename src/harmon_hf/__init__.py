@@ -47,6 +47,7 @@ from .pipeline_harmon import HarmonPipeline, HarmonPipelineOutput  # noqa: E402 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BUNDLED_MODEL",
     "HarmonConfig",
     "HarmonDiffusionScheduler",
     "HarmonForConditionalGeneration",
@@ -58,5 +59,6 @@ __all__ = [
     "HarmonProcessor",
     "HarmonSamplingPreset",
     "SAMPLING_PRESETS",
+    "bundled_model_path",
     "processor_for",
 ]
