@@ -106,3 +106,24 @@ def test_the_pipeline_follows_diffusers_conventions(pipe, harmon_folder):
     assert pipe.guidance_scale == 2.5 and pipe.do_classifier_free_guidance
     pipe("a red circle", guidance_scale=1.0, num_iter=2, num_inference_steps=2, output_type="latent")
     assert not pipe.do_classifier_free_guidance
+
+
+def test_answers_end_where_the_generation_config_says(pipe, harmon_folder, red_image, monkeypatch):
+    """The converter writes the chat's end tokens into generation_config, and answering stops where it says (no
+    stop list of its own)."""
+    end_ids = pipe.processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert json.loads((harmon_folder / "generation_config.json").read_text())["eos_token_id"] == end_ids
+    assert pipe.processor.end_token_ids == end_ids
+    calls = []
+    generate = pipe.model.generate
+    monkeypatch.setattr(pipe.model, "generate", lambda *a, **k: calls.append(k) or generate(*a, **k))
+    answer(pipe, [image_question(QUESTION)], [red_image], max_new_tokens=6)
+    assert len(calls) == 1 and "eos_token_id" not in calls[0]
+
+
+def test_the_bundled_model_ends_answers_at_the_chat_end_tokens():
+    from harmon_hf import BUNDLED_MODEL, HarmonPipeline
+
+    bundled = HarmonPipeline.from_pretrained()
+    saved = json.loads((BUNDLED_MODEL / "generation_config.json").read_text())["eos_token_id"]
+    assert saved == bundled.processor.end_token_ids == bundled.model.generation_config.eos_token_id

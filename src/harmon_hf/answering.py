@@ -6,11 +6,6 @@ def image_question(question: str) -> dict:
     return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
 
 
-def answer_stop_ids(tokenizer) -> list[int]:
-    """Token ids that end an answer: the end of the assistant's turn, or of the text."""
-    return tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-
-
 def answer(pipeline, messages: list[dict], images: list, max_new_tokens: int, streamer=None,
            stopping_criteria=None) -> str:
     """The assistant's answer to `messages` about `images` (greedy decoding), without the chat markup.
@@ -27,7 +22,7 @@ def answer(pipeline, messages: list[dict], images: list, max_new_tokens: int, st
     prompt_length = inputs["input_ids"].shape[1]
     model.model.check_positions(prompt_length + 1, "the conversation and its answer")
     positions_left = model.config.text_config.max_position_embeddings - prompt_length
+    # The answer ends where the model's generation_config says a turn ends (<|im_end|>, <|endoftext|>).
     output = model.generate(**inputs, max_new_tokens=min(max_new_tokens, positions_left), do_sample=False,
-                            eos_token_id=answer_stop_ids(processor.tokenizer), streamer=streamer,
-                            stopping_criteria=stopping_criteria)
+                            streamer=streamer, stopping_criteria=stopping_criteria)
     return processor.post_process_image_text_to_text(output[0, prompt_length:])[0]

@@ -345,11 +345,14 @@ def convert(
         add_image_token(loaded_tokenizer, config)
     model = build_model(load_release_state_dict(checkpoint, vae, config, allow_nonfinite), config)
     model = model.to(getattr(torch, dtype))
+    processor = None if loaded_tokenizer is None else processor_for(config, loaded_tokenizer)
+    if processor is not None:  # `generate` ends an answer at the end of the turn, or of the text
+        model.generation_config.eos_token_id = processor.end_token_ids
     if output is not None:
         try:
             model.save_pretrained(output, max_shard_size=max_shard_size)
-            if loaded_tokenizer is not None:
-                processor_for(config, loaded_tokenizer).save_pretrained(output)
+            if processor is not None:
+                processor.save_pretrained(output)
         except OSError as error:  # a full disk, or a folder made unwritable since the check
             raise ValueError(f"cannot write {output}: {error.strerror or error}") from error
     return model

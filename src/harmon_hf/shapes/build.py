@@ -108,7 +108,9 @@ def build_initial_model(output_dir: "str | Path", vae_steps: int = VAE_STEPS, se
     torch.manual_seed(seed)
     model = HarmonForConditionalGeneration(shapes_config(tokenizer, vae_scale))
     model.model.vae.load_state_dict(vae.state_dict())
+    processor = processor_for(model.config, tokenizer)
+    model.generation_config.eos_token_id = processor.end_token_ids
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
-    processor_for(model.config, tokenizer).save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
     return output_dir

@@ -6,7 +6,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ..answering import answer_stop_ids, image_question
+from ..answering import image_question
 from .cases import GENERATION_CATEGORIES, generation_cases, understanding_cases
 from .world import QUESTION_TYPES
 
@@ -53,7 +53,6 @@ def answer_questions(model, processor, questions: list[str], images: list | None
     texts = [processor.apply_chat_template([message], add_generation_prompt=True) for message in messages]
     inputs = processor(text=texts, images=images).to(model.device)
     output = model.generate(**inputs, max_new_tokens=8, do_sample=False,
-                            eos_token_id=answer_stop_ids(processor.tokenizer),
                             pad_token_id=processor.tokenizer.pad_token_id)
     return [normalise_answer(answer) for answer in processor.post_process_image_text_to_text(output[:, inputs["input_ids"].shape[1]:])]
 

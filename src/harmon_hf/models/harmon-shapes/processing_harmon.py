@@ -24,6 +24,8 @@ CHAT_TEMPLATE = (
 )
 _ASSISTANT_START = "<|im_start|>assistant\n"
 _TURN_END = "<|im_end|>"
+# Qwen2.5's chat format: an assistant turn ends with <|im_end|>, a text with <|endoftext|>.
+END_TOKENS = (_TURN_END, "<|endoftext|>")
 
 
 class HarmonProcessor(ProcessorMixin):
@@ -44,6 +46,11 @@ class HarmonProcessor(ProcessorMixin):
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token: add it as a special token first")
+
+    @property
+    def end_token_ids(self) -> list[int]:
+        """The ids that end an answer: what the model's `generation_config.eos_token_id` holds."""
+        return self.tokenizer.convert_tokens_to_ids(list(END_TOKENS))
 
     def num_image_tokens(self, size: int | None = None) -> int:
         """Placeholders per (square) image: one per latent token plus the buffer slots."""
