@@ -47,8 +47,9 @@ def _record_rounds(pipe, monkeypatch):
     sample, run_round = head.sample, inner.run_round
 
     def recording_sample(conditions, scheduler, *args, **kwargs):
-        samples.append((len(scheduler.timesteps), conditions.clone()))
-        return sample(conditions, scheduler, *args, **kwargs)
+        sampled = sample(conditions, scheduler, *args, **kwargs)
+        samples.append((len(scheduler.timesteps), conditions.clone()))  # the steps it has just run
+        return sampled
 
     def recording_run_round(tokens, mask, grid_size, prompt_cache, prompt_attention_mask, *args, **kwargs):
         output = run_round(tokens, mask, grid_size, prompt_cache, prompt_attention_mask, *args, **kwargs)

@@ -346,17 +346,19 @@ class HarmonDiffusionHead(nn.Module):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
+        num_inference_steps: int | None = None,
     ) -> torch.Tensor:
-        """Sample one latent token per condition row (n, d_dec) -> (n, c) in float32.
+        """Sample one latent token per condition row (n, d_dec) -> (n, c) in float32, in `num_inference_steps`
+        (default: as many as the scheduler was last set to).
 
-        `scheduler` is a [`HarmonDiffusionScheduler`] with its timesteps set (`make_sampling_scheduler`: the
-        reference's process) or any diffusers scheduler with `set_timesteps` already called and the head's
-        `prediction_type`, which gets the prediction alone (for example DPM-Solver++ for fewer steps; `temperature`
-        applies to the Harmon scheduler only). With guidance, `conditions` holds conditional rows then
-        unconditional rows, and both halves start from the same noise: `latents` (n/2, c), else drawn.
+        `scheduler` is a [`HarmonDiffusionScheduler`] (`make_sampling_scheduler`: the reference's process) or any
+        diffusers scheduler with the head's `prediction_type`, which gets the prediction alone (for example
+        DPM-Solver++ for fewer steps; `temperature` applies to the Harmon scheduler only). With guidance,
+        `conditions` holds conditional rows then unconditional rows, and both halves start from the same noise:
+        `latents` (n/2, c), else drawn.
         """
         # Every call samples a fresh set of tokens: restart the scheduler (multistep solvers keep a history).
-        scheduler.set_timesteps(scheduler.num_inference_steps)
+        scheduler.set_timesteps(num_inference_steps or scheduler.num_inference_steps)
         learned_variance = isinstance(scheduler, HarmonDiffusionScheduler)
         num_rows = conditions.shape[0]
         num_independent = num_rows // 2 if guidance_scale != 1.0 else num_rows
@@ -1132,8 +1134,9 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
                     # conditional rows, then unconditional
                     conditions = self._round_conditions(state, to_predict, preset.refreshes_guidance(round_index))
                     round_guidance = guidance_scale_at(guidance_scale, guidance_schedule, num_masked_next, num_tokens)
-                    scheduler.set_timesteps(preset.diffusion_steps(round_index, num_rounds, num_inference_steps))
-                    sampled = head.sample(conditions, scheduler, round_guidance, temperature, generator)
+                    steps = preset.diffusion_steps(round_index, num_rounds, num_inference_steps)
+                    sampled = head.sample(conditions, scheduler, round_guidance, temperature, generator,
+                                          num_inference_steps=steps)
                     state.tokens[to_predict] = sampled[: int(to_predict.sum())].to(state.tokens.dtype)
                 state.mask = mask_next
                 if callback is not None:
