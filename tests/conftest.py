@@ -10,6 +10,17 @@ from safetensors.torch import load_file
 
 
 REPO = Path(__file__).resolve().parents[1]
+# The first lines of a script that runs Harmon as Hub remote code: importing harmon_hf fails in it.
+WITHOUT_HARMON_HF = """
+import sys, importlib.abc
+
+class BlockHarmonHF(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "harmon_hf":
+            raise ImportError("harmon_hf is blocked in this test")
+
+sys.meta_path.insert(0, BlockHarmonHF())
+"""
 
 
 def run_harmon(*args, stdin: str | None = None, env: dict | None = None, timeout: int = 300):

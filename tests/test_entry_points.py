@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoModelForMultimodalLM, pipeline
 
+from conftest import WITHOUT_HARMON_HF
 from harmon_hf import HarmonForConditionalGeneration
 from harmon_hf.answering import answer, image_question
 
@@ -61,16 +62,8 @@ def test_the_image_text_to_text_pipeline_answers_a_chat(pipe, harmon_folder, red
     assert output[0]["generated_text"] == expected
 
 
-REMOTE_PIPELINE_SCRIPT = textwrap.dedent(
+REMOTE_PIPELINE_SCRIPT = WITHOUT_HARMON_HF + textwrap.dedent(
     """
-    import sys, importlib.abc
-
-    class BlockHarmonHF(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "harmon_hf" or name.startswith("harmon_hf."):
-                raise ImportError("harmon_hf is blocked in this test")
-
-    sys.meta_path.insert(0, BlockHarmonHF())
     from PIL import Image
     from transformers import pipeline
 

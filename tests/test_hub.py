@@ -9,7 +9,7 @@ import textwrap
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from conftest import GOLDEN
+from conftest import GOLDEN, WITHOUT_HARMON_HF
 from harmon_hf import HarmonConfig, HarmonForConditionalGeneration
 
 
@@ -31,16 +31,8 @@ def test_saved_config_names_the_remote_code(tiny_folder):
     }
 
 
-REMOTE_CODE_SCRIPT = textwrap.dedent(
+REMOTE_CODE_SCRIPT = WITHOUT_HARMON_HF + textwrap.dedent(
     """
-    import sys, importlib.abc
-
-    class BlockHarmonHF(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "harmon_hf" or name.startswith("harmon_hf."):
-                raise ImportError("harmon_hf is blocked in this test")
-
-    sys.meta_path.insert(0, BlockHarmonHF())
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModel

@@ -13,6 +13,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 from PIL import Image
 
+from conftest import WITHOUT_HARMON_HF
 from harmon_hf import HarmonPipeline
 
 FAST = dict(num_iter=4, num_inference_steps=6)
@@ -171,14 +172,8 @@ def test_empty_mask_is_refused(pipe):
         pipe("x", image=Image.new("RGB", (64, 64)), mask_image=Image.new("L", (64, 64), 0), **FAST)
 
 
-REMOTE_SCRIPT = textwrap.dedent(
+REMOTE_SCRIPT = WITHOUT_HARMON_HF + textwrap.dedent(
     """
-    import sys, importlib.abc
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "harmon_hf":
-                raise ImportError("blocked")
-    sys.meta_path.insert(0, Block())
     import numpy as np, torch
     from transformers import AutoModel, AutoProcessor
     folder = sys.argv[1]
