@@ -179,7 +179,7 @@ def test_two_runs_on_one_prompts_folder_both_finish(harmon_folder, tmp_path):
 
 
 def test_no_model_anywhere_is_one_line_error(monkeypatch, capsys):
-    import harmon_hf
+    import harmon_hf.bundled_model
     from harmon_hf.cli import main
 
     monkeypatch.setenv("HARMON_MODEL", "")

@@ -2,7 +2,11 @@
 with no circle."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import REPO
 
@@ -73,3 +77,27 @@ def test_the_package_has_no_import_circle():
         if name not in state:
             visit(name, [name])
     assert circles == []
+
+
+HEAVY_MODULES = ("torch", "transformers", "diffusers")
+
+
+@pytest.mark.parametrize("arguments", [["--help"], ["describe", "no-such-image.png"], ["generate", "--preset"]])
+def test_help_and_argument_errors_load_no_heavy_library(arguments, tmp_path):
+    """`harmon --help` and a one-line input error answer without importing torch, transformers or diffusers."""
+    script = ("import sys, runpy\nsys.argv = ['harmon', *sys.argv[1:]]\n"
+              "try:\n    runpy.run_module('harmon_hf.cli', run_name='__main__')\nexcept SystemExit as end:\n"
+              "    loaded = [name for name in %r if name in sys.modules]\n"
+              "    print('LOADED:' + ','.join(loaded), file=sys.stderr)\n    raise\n" % (HEAVY_MODULES,))
+    result = subprocess.run([sys.executable, "-c", script, *arguments], capture_output=True, text=True, cwd=tmp_path)
+    assert "LOADED:" in result.stderr, result.stderr[-2000:]
+    assert result.stderr.split("LOADED:", 1)[1].strip() == ""
+    assert (result.returncode == 0) == (arguments == ["--help"])
+
+
+def test_importing_the_package_loads_nothing_heavy_until_a_name_is_used():
+    script = ("import sys, harmon_hf\nassert not [m for m in %r if m in sys.modules]\n"
+              "from transformers import AutoConfig\nharmon_hf.HarmonConfig\n"
+              "assert type(AutoConfig.for_model('harmon')).__name__ == 'HarmonConfig'\nprint('OK')" % (HEAVY_MODULES,))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.stdout.strip() == "OK", result.stderr[-2000:]

@@ -232,7 +232,7 @@ def test_multi_turn_chat_keeps_the_image_and_history(pipe):
 
 
 def test_from_pretrained_without_a_name_needs_the_bundled_model(monkeypatch):
-    import harmon_hf
+    import harmon_hf.bundled_model
 
     monkeypatch.setattr(harmon_hf.bundled_model, "bundled_model_path", lambda: None)
     with pytest.raises(ValueError, match="no model given and no bundled model is installed"):

@@ -26,7 +26,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-import harmon_hf
+import harmon_hf.bundled_model
 from harmon_hf import HarmonPipeline
 from harmon_hf.demo import TWO_SHAPES, launch
 

@@ -12,14 +12,19 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 
-from . import processor_for
 from .user_input import first_line, unwritable_folder
-from .modeling import HarmonConfig, HarmonForConditionalGeneration
+from .modeling import HarmonConfig, HarmonForConditionalGeneration, HarmonImageProcessor, HarmonProcessor
 
 
 IMAGE_TOKEN = "<image>"
 # Shards of at most this size keep every file of the 1.5B model in float32 small enough for ordinary uploads.
 MAX_SHARD_SIZE = "2GB"
+
+def processor_for(config: HarmonConfig, tokenizer) -> HarmonProcessor:
+    """The processor matching a model's configuration, around a tokenizer that knows `<image>`."""
+    image_processor = HarmonImageProcessor(image_size=config.image_size, vae_stride=config.vae_stride)
+    return HarmonProcessor(image_processor=image_processor, tokenizer=tokenizer, num_buffer_tokens=config.buffer_size)
+
 
 # (pattern, replacement) on the names of harmon_*.pth, tried in order; `None` drops the tensor.
 HARMON_RULES = [

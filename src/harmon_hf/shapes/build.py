@@ -100,7 +100,7 @@ def shapes_config(tokenizer, vae_scale: float) -> HarmonConfig:
 
 def build_initial_model(output_dir: "str | Path", vae_steps: int = VAE_STEPS, seed: int = 0) -> Path:
     """Train the autoencoder, learn the tokenizer, and save a randomly initialised Harmon-Shapes with both."""
-    from .. import processor_for
+    from ..convert import processor_for
 
     vae, vae_scale = train_vae(steps=vae_steps, seed=seed)
     print(f"autoencoder round trip: {round_trip_score(vae):.3f} of ShapesEval's held-out scenes pass the detector")
