@@ -25,7 +25,8 @@ import torch
 
 from presets import preset_named
 
-from harmon_hf import HarmonConfig, HarmonForConditionalGeneration
+from harmon_hf import HarmonForConditionalGeneration
+from harmon_hf.convert import release_config
 from harmon_hf.modeling.modeling_harmon import computes_bfloat16_natively
 
 
@@ -79,7 +80,7 @@ def build_model(args) -> HarmonForConditionalGeneration:
     if args.model:
         return HarmonForConditionalGeneration.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     torch.manual_seed(0)
-    model = HarmonForConditionalGeneration(HarmonConfig.from_release(args.config))
+    model = HarmonForConditionalGeneration(release_config(args.config))
     return model.to(getattr(torch, args.dtype))
 
 

@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from harmon_hf import HarmonConfig, HarmonForConditionalGeneration
+from harmon_hf import HarmonForConditionalGeneration
+from harmon_hf.convert import release_config
 
 
 def synthetic_batches(config, size: int, batch: int, device, generator) -> dict:
@@ -53,7 +54,7 @@ def main():
     if args.model:
         model = HarmonForConditionalGeneration.from_pretrained(args.model)
     else:
-        model = HarmonForConditionalGeneration(HarmonConfig.from_release(args.config))
+        model = HarmonForConditionalGeneration(release_config(args.config))
     model = model.to(device, getattr(torch, args.dtype)).train()
     if args.checkpointing:
         model.activation_checkpointing_enable()

@@ -1,6 +1,6 @@
-"""Harmon's model code, installed as `harmon_hf.modeling`. The files beside this one are self-contained so that they
-can sit in a Hub repository as remote code; this package file, which is not shipped, registers them with
-transformers' Auto classes when harmon_hf's model code is first imported."""
+"""Harmon's model code and its diffusers pipeline, installed as `harmon_hf.modeling`. The files beside this one are
+self-contained so that they can sit in a Hub repository as remote code; this package file, which is not shipped,
+registers them with transformers' Auto classes when harmon_hf's model code is first imported."""
 
 from transformers import (
     AutoConfig,
@@ -21,6 +21,7 @@ from .modeling_harmon import (
     HarmonPreTrainedModel,
     HarmonSamplingPreset,
 )
+from .pipeline_harmon import HarmonPipeline, HarmonPipelineOutput
 from .processing_harmon import HarmonProcessor
 from .scheduling_harmon import HarmonDiffusionScheduler
 
@@ -43,6 +44,8 @@ __all__ = [
     "HarmonForConditionalGeneration",
     "HarmonImageProcessor",
     "HarmonModel",
+    "HarmonPipeline",
+    "HarmonPipelineOutput",
     "HarmonPreTrainedModel",
     "HarmonProcessor",
     "HarmonSamplingPreset",

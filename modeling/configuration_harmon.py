@@ -35,33 +35,10 @@ KL16_VAE = {
     "act_fn": "silu",
 }
 
-# Keyword arguments of `HarmonConfig` for the released checkpoints (wusize/harmon).
-RELEASES = {
-    "0.5b": {},  # the defaults of HarmonConfig
-    "1.5b": {
-        "text_config": {
-            **QWEN2_5_0_5B_INSTRUCT,
-            "hidden_size": 1536,
-            "intermediate_size": 8960,
-            "num_hidden_layers": 28,
-            "num_attention_heads": 12,
-        },
-        "encoder_hidden_size": 1280,
-        "encoder_num_hidden_layers": 20,
-        "encoder_num_attention_heads": 16,
-        "decoder_hidden_size": 1280,
-        "decoder_num_hidden_layers": 20,
-        "decoder_num_attention_heads": 16,
-        "diffusion_head_hidden_size": 1536,
-        "diffusion_head_num_layers": 12,
-    },
-}
-
-
 class HarmonConfig(PreTrainedConfig):
     r"""
-    Configuration of [`HarmonForConditionalGeneration`]. The defaults describe Harmon-0.5B; use
-    [`HarmonConfig.from_release`] for the other released size.
+    Configuration of [`HarmonForConditionalGeneration`]. The defaults describe Harmon-0.5B; harmon-hf's converter
+    gives the other released size (`harmon_hf.convert.release_config("1.5b")`).
 
     Args:
         text_config (`dict` or `PreTrainedConfig`): the Qwen2 LLM.
@@ -150,14 +127,6 @@ class HarmonConfig(PreTrainedConfig):
     def token_channels(self) -> int:
         """Values per latent token: the VAE's channels over a patch_size x patch_size patch."""
         return self.vae_config["latent_channels"] * self.patch_size**2
-
-    @classmethod
-    def from_release(cls, name: str, **kwargs) -> "HarmonConfig":
-        """The configuration of a released checkpoint: `"0.5b"` or `"1.5b"` (`"1.5b-o"` shares `"1.5b"`)."""
-        key = name.lower().removeprefix("harmon-").removeprefix("harmon_").removesuffix("-o")
-        if key not in RELEASES:
-            raise ValueError(f"Unknown Harmon release {name!r}; expected one of {sorted(RELEASES)}")
-        return cls(**{**RELEASES[key], **kwargs})
 
 
 __all__ = ["HarmonConfig"]

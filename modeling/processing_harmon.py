@@ -4,21 +4,32 @@ import numbers
 import re
 
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import make_flat_list_of_images
 from transformers.processing_utils import ProcessorMixin
+
+from .image_processing_harmon import HarmonImageProcessor
 
 
 IMAGE_TOKEN = "<image>"
 GENERATION_INSTRUCTION = "Generate an image: {prompt}"
 UNCONDITIONAL_PROMPT = "Generate an image."
 # Qwen2.5's chat format without its default system turn, as Harmon was trained; an image part becomes "<image>\n".
+# An assistant turn's answer and its <|im_end|> (what the model learns to write, up to where it stops) sit in
+# {% generation %}, so `apply_chat_template(..., return_assistant_tokens_mask=True)` marks them. The "\n" after a
+# turn is written as {{ '\n' }}: transformers renders templates with trim_blocks, which drops a newline after a tag.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
+    "{% macro render_content(content) %}"
+    "{% if content is string %}{{ content }}"
+    "{% else %}{% for part in content %}"
     "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
-    "<|im_end|>\n"
+    "{% endmacro %}"
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ render_content(message['content']) }}<|im_end|>{% endgeneration %}"
+    "{% else %}{{ render_content(message['content']) }}<|im_end|>{% endif %}"
+    "{{ '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -47,6 +58,15 @@ class HarmonProcessor(ProcessorMixin):
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token: add it as a special token first")
 
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        """The image processor is the class beside this one rather than whatever `AutoImageProcessor` resolves: a
+        processor loaded as trusted code (a diffusers pipeline's component, which gets no `trust_remote_code` to
+        pass on) then loads its image processor without asking again. The tokenizer loads as transformers loads it."""
+        image_processor = HarmonImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, **kwargs)
+        return [image_processor, tokenizer]
+
     @property
     def end_token_ids(self) -> list[int]:
         """The ids that end an answer: what the model's `generation_config.eos_token_id` holds."""
@@ -57,30 +77,30 @@ class HarmonProcessor(ProcessorMixin):
         size = size or self.image_processor.image_size
         return (size // self.image_processor.vae_stride) ** 2 + self.num_buffer_tokens
 
-    def __call__(self, text=None, images=None, size: int | None = None, padding_side: str = "left",
-                 return_tensors="pt", **kwargs) -> BatchFeature:
+    def __call__(self, text=None, images=None, padding=True, padding_side: str = "left", return_tensors="pt",
+                 **kwargs) -> BatchFeature:
         """Understanding inputs: each `<image>` in `text` becomes the image's placeholders, in order.
 
         `text`: a string or a list (one sequence each, already in the chat template, e.g. from
-        `apply_chat_template`); `images`: the images of all sequences, in order of their `<image>` markers.
-        Left-padded by default, as `generate` expects.
+        `apply_chat_template`); `images`: the images of all sequences in order of their `<image>` markers, flat or
+        one list per sequence. Padded on the left by default, as `generate` expects. Other keywords follow
+        [`~transformers.ProcessorMixin`]: tokenizer ones (`truncation`, `max_length`, `return_offsets_mapping`, ...)
+        and `size` (the side images are resized to; the placeholders follow it).
         """
         if text is None:
             raise ValueError("HarmonProcessor needs text (with one <image> marker per image)")
-        texts = [text] if isinstance(text, str) else list(text)
-        images = _flat_list(images)  # chat templates give one list of images per conversation
-        num_markers = sum(t.count(IMAGE_TOKEN) for t in texts)
-        if num_markers != len(images):
-            raise ValueError(f"the text has {num_markers} {IMAGE_TOKEN} marker(s) but {len(images)} image(s) were given")
-        placeholders = IMAGE_TOKEN * self.num_image_tokens(size)
-        texts = [t.replace(IMAGE_TOKEN, placeholders) for t in texts]
-        encoding = self.tokenizer(texts, padding=True, padding_side=padding_side, add_special_tokens=False,
-                                  return_tensors=return_tensors)
-        data = dict(encoding)
-        if images:
-            data["pixel_values"] = self.image_processor(images, mode="understanding", size=size,
-                                                        return_tensors=return_tensors)["pixel_values"]
-        return BatchFeature(data, tensor_type=return_tensors)
+        # Template text never needs the tokenizer's own special tokens (a Qwen2 tokenizer adds none anyway).
+        kwargs.setdefault("add_special_tokens", False)
+        return super().__call__(images=images, text=text, padding=padding, padding_side=padding_side,
+                                return_tensors=return_tensors, **kwargs)
+
+    def _process_images(self, images, **kwargs):
+        # Chat templates give one list of images per conversation; the image processor takes one flat list.
+        return super()._process_images(make_flat_list_of_images(images), **kwargs)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """The placeholders of image `image_idx`, for the side its `pixel_values` (n, 3, side, side) were resized to."""
+        return self.image_token * self.num_image_tokens(image_inputs["pixel_values"].shape[-1])
 
     def apply_generation_template(self, prompt: str) -> str:
         return self.apply_chat_template(
@@ -133,15 +153,6 @@ def _is_one_sequence(ids) -> bool:
     if hasattr(ids, "ndim"):
         return ids.ndim == 1
     return len(ids) > 0 and isinstance(ids[0], numbers.Integral)
-
-
-def _flat_list(images) -> list:
-    """Images given one, as a list, or as nested lists (one per conversation) -> one flat list, in order."""
-    if images is None:
-        return []
-    if not isinstance(images, (list, tuple)):
-        return [images]
-    return [image for item in images for image in _flat_list(item)]
 
 
 __all__ = ["HarmonProcessor"]

@@ -35,6 +35,10 @@ class HarmonSchedulerOutput(BaseOutput):
 
 
 class HarmonDiffusionScheduler(DDPMScheduler):
+    # `step` takes the head's whole output, prediction and variance values (2c channels), and a temperature. Read by
+    # the head through this attribute, not isinstance: a pipeline folder loads this class from a copy of its own.
+    takes_learned_variance = True
+
     @register_to_config
     def __init__(
         self,

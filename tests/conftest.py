@@ -94,3 +94,37 @@ def pipe(harmon_folder):
     pipeline = HarmonPipeline.from_pretrained(harmon_folder)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def hub_cache_repository(cache: Path, repo_id: str, revisions: dict[str, Path], branch: str = "main") -> dict[str, str]:
+    """A Hub repository as huggingface_hub caches it (`cache` is HF_HUB_CACHE): one snapshot per revision, each a
+    copy of a folder under a commit hash made from its name; `branch` points at the last one. Returns name -> hash."""
+    import hashlib
+    import shutil
+
+    repository = cache / f"models--{repo_id.replace('/', '--')}"
+    commits = {}
+    for name, folder in revisions.items():
+        commits[name] = hashlib.sha1(name.encode()).hexdigest()
+        shutil.copytree(folder, repository / "snapshots" / commits[name])
+    (repository / "refs").mkdir(parents=True)
+    (repository / "refs" / branch).write_text(commits[name])
+    return commits
+
+
+def load_script(path: str):
+    """A script of the repository that is not part of the package (e.g. "benchmarks/shapes/diagnose.py"), imported
+    once as a module named after its path and kept in sys.modules, so that tests call and monkeypatch that one copy."""
+    import importlib.util
+
+    name = path.removesuffix(".py").replace("/", ".")
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]  # as a failed import does, so that the next attempt runs the script again
+            raise
+    return sys.modules[name]

@@ -5,11 +5,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from conftest import run_harmon
+from conftest import load_script, run_harmon
 from harmon_hf import BUNDLED_MODEL, HarmonPipeline, bundled_model_path
 from harmon_hf.shapes.detector import Requirement, detect, satisfies
-from harmon_hf.shapes.release import MAX_BUNDLED_BYTES, MIN_SAMPLES, TARGET_SCORE
 from harmon_hf.shapes.world import Scene, ShapeObject, cell_centre, render
+
+release = load_script("benchmarks/shapes/release.py")
 
 # ShapesEval's first SAMPLES held-out cases of each half, default sampler: the bundled model scored 1.000 on
 # generation and 0.960 on understanding (`harmon eval shapes --n 50`; 0.995 and 0.950 on 200 in its card). The floors
@@ -25,12 +26,12 @@ def harmon(*args):
 
 def test_the_bundled_model_is_installed_small_and_carries_its_scores():
     assert bundled_model_path() == BUNDLED_MODEL
-    assert sum(path.stat().st_size for path in BUNDLED_MODEL.rglob("*") if path.is_file()) <= MAX_BUNDLED_BYTES
+    assert sum(path.stat().st_size for path in BUNDLED_MODEL.rglob("*") if path.is_file()) <= release.MAX_BUNDLED_BYTES
     evaluation = json.loads((BUNDLED_MODEL / "shapes_eval.json").read_text())
     final, card = evaluation["final"], (BUNDLED_MODEL / "README.md").read_text()
-    assert final["samples"] >= MIN_SAMPLES
+    assert final["samples"] >= release.MIN_SAMPLES
     for half in ("generation", "understanding"):
-        assert final[half]["overall"] >= TARGET_SCORE
+        assert final[half]["overall"] >= release.TARGET_SCORE
         assert f"{final[half]['overall']:.3f}" in card
 
 
@@ -67,9 +68,8 @@ def test_generate_and_describe_default_to_the_bundled_model(tmp_path):
     assert result.stdout.strip() == "green"
 
 
-def test_the_pipeline_and_the_space_default_to_the_bundled_model(monkeypatch):
+def test_the_command_and_the_space_default_to_the_bundled_model(monkeypatch):
     from harmon_hf.loading import load_pipeline
 
-    assert HarmonPipeline.from_pretrained().model.name_or_path == str(BUNDLED_MODEL)
     monkeypatch.delenv("HARMON_MODEL", raising=False)
     assert load_pipeline(None).model.name_or_path == str(BUNDLED_MODEL)  # what the Space serves without a model

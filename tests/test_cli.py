@@ -211,3 +211,42 @@ def test_eval_shapes_prints_a_table_and_writes_the_json(harmon_folder, tmp_path)
     assert "ShapesEval on held-out combinations (5 samples each)" in result.stdout
     assert f"overall         {scores['understanding']['overall']:.3f}" in result.stdout
     assert "ShapesEval" in result.stderr  # the progress bar
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_dtype_chooses_what_the_model_computes_in(harmon_folder, tmp_path, monkeypatch, dtype):
+    """--dtype reaches the weights and the arithmetic: the outputs of the LLM's and the MAR's linear layers are
+    recorded while `generate` and `describe` run (float32 when not asked, the reference's precision)."""
+    import torch
+
+    import harmon_hf.cli as cli
+
+    computed = {}
+    load = cli.load_pipeline
+
+    def load_and_record(*args, **kwargs):
+        pipeline = load(*args, **kwargs)
+        for name, module in pipeline.model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ("language_model" in name or "mar_" in name):
+                module.register_forward_hook(lambda _, __, output, name=name: computed.update({name: output.dtype}))
+        return pipeline
+
+    monkeypatch.setattr(cli, "load_pipeline", load_and_record)
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(tmp_path / "red.png")
+    flags = ["--model", str(harmon_folder)] + (["--dtype", dtype] if dtype != "float32" else [])
+    assert cli.main(["generate", "a red circle", "-o", str(tmp_path / "out.png"), *FAST, *flags]) == 0
+    assert cli.main(["describe", str(tmp_path / "red.png"), "What colour?", "--max-new-tokens", "2", *flags]) == 0
+    assert any("mar_encoder" in name for name in computed) and any("language_model" in name for name in computed)
+    assert set(computed.values()) == {getattr(torch, dtype)}
+
+
+def test_a_device_the_machine_lacks_is_a_clear_error(harmon_folder, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from harmon_hf.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(tmp_path / "red.png")
+    assert main(["describe", str(tmp_path / "red.png"), "--device", "cuda", "--model", str(harmon_folder)]) == 1
+    assert capsys.readouterr().err.strip() == ("harmon describe: error: device cuda: this machine has no CUDA GPU that "
+                                               "torch can use")

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from conftest import GOLDEN, REFERENCE, run_harmon
 from harmon_hf import HarmonConfig
-from harmon_hf.convert import HARMON_RULES, build_model, convert, rename, resolve_config, vae_rules
+from harmon_hf.convert import (HARMON_RULES, build_model, convert, release_config, rename, resolve_config,
+                               vae_rules)
 from reference_layout import random_release, release_shapes, variant
 
 
@@ -48,7 +49,7 @@ def _meta_release(keys: dict) -> dict:
 def test_every_released_tensor_is_mapped(size):
     """All tensors of the real release files land in the model of the preset, with the right shapes."""
     keys = json.loads((REFERENCE / f"harmon-{size}-keys.json").read_text())
-    config = HarmonConfig.from_release(size)
+    config = release_config(size)
     harmon, unmatched = rename(_meta_release(keys["harmon"]), HARMON_RULES)
     vae, vae_unmatched = rename(_meta_release(keys["vae"]), vae_rules(len(config.vae_config["block_out_channels"])))
     assert unmatched == [] and vae_unmatched == []
@@ -70,7 +71,7 @@ def test_reference_layout_matches_the_release(size):
 
 def test_reference_configs_give_the_presets():
     for size, reference in RELEASE_REFERENCE_CONFIGS.items():
-        converted, preset = resolve_config(reference), HarmonConfig.from_release(size)
+        converted, preset = resolve_config(reference), release_config(size)
         for field in ("encoder_hidden_size", "decoder_num_hidden_layers", "diffusion_head_hidden_size", "buffer_size"):
             assert getattr(converted, field) == getattr(preset, field)
         assert converted.vae_config == preset.vae_config
@@ -373,7 +374,7 @@ def test_qwen2_5_image_token_id():
     from offline_qwen import qwen2_5_tokenizer
 
     tokenizer = qwen2_5_tokenizer()
-    config = HarmonConfig.from_release("0.5b", image_token_id=0)
+    config = release_config("0.5b", image_token_id=0)
     add_image_token(tokenizer, config)
     assert config.image_token_id == 151665 == HarmonConfig().image_token_id
     assert tokenizer.encode("Hello <image>", add_special_tokens=False) == [9707, 220, 151665]

@@ -1,5 +1,6 @@
-"""Understanding through transformers' own doors: the auto classes and pipeline("image-text-to-text") with
-chat-format input, with harmon_hf installed and as remote code without it."""
+"""Through transformers' and diffusers' own doors: the auto classes and pipeline("image-text-to-text") with
+chat-format input, DiffusionPipeline on a pipeline folder, Hub repositories through huggingface_hub's cache; with
+harmon_hf installed and as remote code without it."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoModelForMultimodalLM, pipeline
 
-from conftest import WITHOUT_HARMON_HF
+from conftest import WITHOUT_HARMON_HF, hub_cache_repository
 from harmon_hf import HarmonForConditionalGeneration
 from harmon_hf.answering import answer, image_question
 
@@ -117,6 +118,41 @@ def test_answers_end_where_the_generation_config_says(pipe, harmon_folder, red_i
 def test_the_bundled_model_ends_answers_at_the_chat_end_tokens():
     from harmon_hf import BUNDLED_MODEL, HarmonPipeline
 
-    bundled = HarmonPipeline.from_pretrained()
+    bundled = HarmonPipeline.from_pretrained(BUNDLED_MODEL)
     saved = json.loads((BUNDLED_MODEL / "generation_config.json").read_text())["eos_token_id"]
     assert saved == bundled.processor.end_token_ids == bundled.model.generation_config.eos_token_id
+
+
+HUB_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from harmon_hf import HarmonPipeline
+
+    for revision in (None, sys.argv[2]):
+        pipe = HarmonPipeline.from_pretrained(sys.argv[1], revision=revision)
+        print("LOADED:" + json.dumps([revision, type(pipe.scheduler).__name__,
+                                     pipe.model.image_generation_defaults["num_iter"]]))
+    """
+)
+
+
+def test_a_hub_repository_gives_each_revision_with_its_own_scheduler(pipe, harmon_folder, tmp_path, monkeypatch):
+    """Through huggingface_hub's cache, offline: `main` is the model folder without scheduler/, an older revision
+    the same model with a DPM-Solver scheduler/ and 3 rounds by default; `revision` must reach every part."""
+    import shutil
+
+    from diffusers import DPMSolverMultistepScheduler
+
+    shutil.copytree(harmon_folder, tmp_path / "old")
+    monkeypatch.setitem(pipe.model.generation_config.image_generation, "num_iter", 3)
+    pipe.model.generation_config.save_pretrained(tmp_path / "old")
+    DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, variance_type=None).save_pretrained(
+        tmp_path / "old" / "scheduler")
+    commits = hub_cache_repository(tmp_path / "cache", "harmon/tiny", {"old": tmp_path / "old", "main": harmon_folder})
+    result = subprocess.run([sys.executable, "-c", HUB_SCRIPT, "harmon/tiny", commits["old"]], capture_output=True,
+                            text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache"),
+                                                          "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = [json.loads(line.split("LOADED:", 1)[1]) for line in result.stdout.splitlines() if "LOADED:" in line]
+    assert loaded == [[None, "HarmonDiffusionScheduler", 64],
+                      [commits["old"], "DPMSolverMultistepScheduler", 3]]

@@ -1,5 +1,6 @@
 """HarmonPipeline on the tiny model: outputs, seeds, batches, inpainting, schedulers and loading from one folder."""
 
+import json
 import os
 import subprocess
 import sys
@@ -118,13 +119,13 @@ def test_callback_and_interrupt(pipe):
     seen = []
 
     def callback(pipeline, round_index, num_masked, tensors):
-        seen.append((round_index, num_masked, tensors["tokens"].shape))
+        seen.append((round_index, num_masked, tensors["latents"].shape))
         if round_index == 1:
             pipeline._interrupt = True
         return tensors
 
     pipe("a red circle", callback_on_step_end=callback, **FAST)
-    assert [entry[0] for entry in seen] == [0, 1] and seen[0][2] == (1, 16, 16) and seen[0][1] < 16
+    assert [entry[0] for entry in seen] == [0, 1] and seen[0][2] == (1, 4, 4, 16) and seen[0][1] < 16
 
 
 @pytest.mark.parametrize(
@@ -172,36 +173,47 @@ def test_empty_mask_is_refused(pipe):
         pipe("x", image=Image.new("RGB", (64, 64)), mask_image=Image.new("L", (64, 64), 0), **FAST)
 
 
-REMOTE_SCRIPT = WITHOUT_HARMON_HF + textwrap.dedent(
+DIFFUSERS_SCRIPT = textwrap.dedent(
     """
+    import json, sys
     import numpy as np, torch
-    from transformers import AutoModel, AutoProcessor
-    folder = sys.argv[1]
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
-    inputs = processor.generation_inputs(["a red circle"])
-    latents = model.generate_images(inputs["input_ids"], inputs["attention_mask"], height=64, width=64, num_iter=4,
-                                    num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="latent")
-    np.save(sys.argv[2], latents.numpy())
-    print(type(processor).__name__, type(model).__name__)
+    from diffusers import DiffusionPipeline
+    from transformers import AutoModel
+
+    folder, output = sys.argv[1], sys.argv[2]
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe("a red circle", num_iter=4, num_inference_steps=6, generator=torch.Generator().manual_seed(0),
+                   output_type="latent").images
+    np.save(output, latents.numpy())
+    model = AutoModel.from_pretrained(f"{folder}/model", trust_remote_code=True)  # its model folder, as any other
+    print("LOADED:" + json.dumps([type(part).__name__ for part in (pipe, pipe.model, pipe.processor, pipe.scheduler,
+                                                                       model)] + ["harmon_hf" in sys.modules]))
     """
 )
 
 
-def test_one_folder_serves_auto_classes_remote_code_and_the_pipeline(pipe, tmp_path):
+@pytest.mark.parametrize("harmon_hf_installed", [True, False])
+def test_a_pipeline_folder_loads_through_diffusers_own_entry_point(pipe, tmp_path, harmon_hf_installed):
+    """`save_pretrained` writes diffusers' layout with each component's code; `DiffusionPipeline.from_pretrained`
+    gives the same image as the pipeline that saved it, with harmon_hf and in a Python where it cannot be imported."""
     pipe.save_pretrained(tmp_path / "saved")
-    reloaded = HarmonPipeline.from_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert {name: index[name] for name in ("_class_name", "model", "processor", "scheduler")} == {
+        "_class_name": ["pipeline_harmon", "HarmonPipeline"], "model": ["modeling_harmon", "HarmonForConditionalGeneration"],
+        "processor": ["processing_harmon", "HarmonProcessor"], "scheduler": ["scheduling_harmon", "HarmonDiffusionScheduler"]}
     expected = pipe("a red circle", output_type="latent", generator=_seed(), **FAST).images
+    reloaded = HarmonPipeline.from_pretrained(tmp_path / "saved")
     assert torch.equal(reloaded("a red circle", output_type="latent", generator=_seed(), **FAST).images, expected)
 
-    script = tmp_path / "remote.py"
-    script.write_text(REMOTE_SCRIPT)
-    result = subprocess.run([sys.executable, str(script), str(tmp_path / "saved"), str(tmp_path / "latents.npy")],
+    script = (WITHOUT_HARMON_HF if not harmon_hf_installed else "") + DIFFUSERS_SCRIPT
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "saved"), str(tmp_path / "latents.npy")],
                             capture_output=True, text=True, cwd=tmp_path,
                             env={**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "HarmonProcessor HarmonForConditionalGeneration" in result.stdout
-    # The bare model in a Python without harmon_hf gives the pipeline's image for the same seed.
+    loaded = json.loads(result.stdout.split("LOADED:", 1)[1])
+    assert loaded == ["HarmonPipeline", "HarmonForConditionalGeneration", "HarmonProcessor",
+                      "HarmonDiffusionScheduler", "HarmonForConditionalGeneration", False]
     assert np.array_equal(np.load(tmp_path / "latents.npy"), expected.numpy())
 
 
@@ -229,14 +241,6 @@ def test_multi_turn_chat_keeps_the_image_and_history(pipe):
     assert (inputs["input_ids"] == pipe.processor.image_token_id).sum() == pipe.processor.num_image_tokens()
     output = pipe.model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert output.shape[1] == inputs["input_ids"].shape[1] + 3
-
-
-def test_from_pretrained_without_a_name_needs_the_bundled_model(monkeypatch):
-    import harmon_hf.bundled_model
-
-    monkeypatch.setattr(harmon_hf.bundled_model, "bundled_model_path", lambda: None)
-    with pytest.raises(ValueError, match="no model given and no bundled model is installed"):
-        HarmonPipeline.from_pretrained()
 
 
 def test_answers_stop_where_the_llms_positions_end(pipe, monkeypatch):
@@ -364,3 +368,77 @@ def test_the_command_and_the_demo_start_from_the_models_defaults(pipe, tmp_path,
               if getattr(block, "elem_id", None)}
     assert (values["generate-rounds"], values["generate-steps"], values["generate-guidance"],
             values["generate-temperature"], values["generate-preset"]) == (3, 5, 2.0, 0.8, "fastest")
+
+
+def test_one_generator_per_image_gives_each_image_its_own_draws(pipe):
+    """diffusers' convention: with a list of generators, image i is the image its generator gives alone."""
+    prompts = ["a red circle", "a blue square on the left"]
+    together = pipe(prompts, generator=[_seed(1), _seed(2)], output_type="latent", **FAST).images
+    for index, prompt in enumerate(prompts):
+        alone = pipe(prompt, generator=_seed(index + 1), output_type="latent", **FAST).images[0]
+        # The same draws; only the batched LLM and MAR passes round differently (the tiny random model's latents
+        # reach 1e5, so the tolerance is relative to their scale).
+        scale = alone.abs().max()
+        assert (together[index] - alone).abs().max() <= 1e-5 * scale, index
+    assert (together[0] - together[1]).abs().max() > 1e-2 * together.abs().max()
+    with pytest.raises(ValueError, match="got 1 generators for 2 images"):
+        pipe(prompts, generator=[_seed(1)], **FAST)
+
+
+def test_latents_are_every_tokens_starting_noise(pipe):
+    """In one round (the order does not matter) with a deterministic solver, the image depends on the starting
+    noise alone: the same latents under other seeds give the same image, other latents another."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    original = pipe.scheduler
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(original.config, variance_type=None)
+    try:
+        noise = torch.randn(1, 4, 4, 16, generator=_seed(5))
+        settings = dict(num_iter=1, num_inference_steps=6, output_type="latent")
+        first = pipe("a red circle", latents=noise, generator=_seed(1), **settings).images
+        second = pipe("a red circle", latents=noise, generator=_seed(2), **settings).images
+        other = pipe("a red circle", latents=noise.flip(-1), generator=_seed(1), **settings).images
+        drawn = pipe("a red circle", generator=_seed(1), **settings).images
+    finally:
+        pipe.scheduler = original
+    assert torch.equal(first, second)
+    assert not torch.allclose(first, other, atol=1e-3) and not torch.allclose(first, drawn, atol=1e-3)
+    with pytest.raises(ValueError, match=r"noise must have shape \(1, 4, 4, 16\).*got \(1, 2, 2, 16\)"):
+        pipe("a red circle", latents=torch.zeros(1, 2, 2, 16), **FAST)
+
+
+def test_prompt_embeddings_give_the_prompts_image(pipe):
+    expected = pipe("a red circle", negative_prompt="a square", generator=_seed(4), output_type="latent",
+                    **FAST).images
+    embeds, mask, negative_embeds, negative_mask = pipe.encode_prompt("a red circle", "a square")
+    from_embeds = pipe(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=negative_embeds,
+                       negative_prompt_attention_mask=negative_mask, generator=_seed(4), output_type="latent",
+                       **FAST).images
+    assert torch.equal(from_embeds, expected)
+    # Without negative embeddings, guidance takes Harmon's unconditional prompt, as `prompt` alone does.
+    unconditional = pipe("a red circle", generator=_seed(4), output_type="latent", **FAST).images
+    assert torch.equal(pipe(prompt_embeds=embeds, prompt_attention_mask=mask, generator=_seed(4),
+                            output_type="latent", **FAST).images, unconditional)
+    with pytest.raises(ValueError, match="give prompt or prompt_embeds, not both"):
+        pipe("a red circle", prompt_embeds=embeds, prompt_attention_mask=mask, **FAST)
+    with pytest.raises(ValueError, match="prompt_embeds need prompt_attention_mask"):
+        pipe(prompt_embeds=embeds, **FAST)
+
+
+def test_diffusers_callback_objects_see_the_latents(pipe):
+    from diffusers.callbacks import PipelineCallback
+
+    class RecordLatents(PipelineCallback):
+        tensor_inputs = ["latents"]
+
+        def __init__(self):
+            super().__init__(cutoff_step_index=None)
+            self.shapes = []
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            self.shapes.append(tuple(callback_kwargs["latents"].shape))
+            return callback_kwargs
+
+    record = RecordLatents()
+    pipe("a red circle", callback_on_step_end=record, **FAST)
+    assert record.shapes == [(1, 4, 4, 16)] * 4

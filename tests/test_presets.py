@@ -162,7 +162,7 @@ def test_a_generation_config_may_hold_a_preset_of_its_own(pipe, monkeypatch, tmp
     monkeypatch.setitem(pipe.model.generation_config.image_generation, "preset", custom)
     assert torch.equal(_generate(pipe, **settings), expected)
     pipe.save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "generation_config.json").read_text())["image_generation"]
+    saved = json.loads((tmp_path / "model" / "generation_config.json").read_text())["image_generation"]
     assert saved["preset"] == custom
 
 

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from harmon_hf import HarmonImageProcessor, processor_for, HarmonConfig
+from harmon_hf import HarmonImageProcessor, processor_for
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,10 @@ def test_placeholders_expand_per_image(processor):
 
 
 def test_marker_and_image_counts_must_agree(processor):
-    with pytest.raises(ValueError, match="1 <image> marker\\(s\\) but 2 image\\(s\\)"):
+    with pytest.raises(ValueError, match="Found total 1 <image> tokens and 2 images"):
         processor(text="<image> what?", images=[Image.new("RGB", (8, 8))] * 2)
+    with pytest.raises(ValueError, match="Found 1 <image> tokens in the text but no images"):
+        processor(text="<image> what?")
 
 
 def test_chat_template_is_harmons(processor):
@@ -113,10 +115,10 @@ GENERATE_AN_IMAGE = [31115, 458, 2168]
 
 @pytest.fixture(scope="module")
 def qwen_processor():
-    from harmon_hf.convert import add_image_token
+    from harmon_hf.convert import add_image_token, release_config
     from offline_qwen import qwen2_5_tokenizer
 
-    config = HarmonConfig.from_release("0.5b", image_size=256)
+    config = release_config("0.5b", image_size=256)
     return processor_for(config, add_image_token(qwen2_5_tokenizer(), config))
 
 

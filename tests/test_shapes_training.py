@@ -11,13 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_harmon
-from harmon_hf.shapes import diagnose, release
-from harmon_hf.shapes.diagnose import (FIRST_ROUND_MEASURES, PROMPT_PATH, RECALL_MEASURES, colour_confusion,
-                                        colour_separation, first_round_binding, first_round_draws, first_round_scenes,
-                                        object_recall, prompt_influence)
+from conftest import REPO, load_script, run_harmon
 from harmon_hf.shapes.world import CELLS, IMAGE_SIZE, cell_index
 from harmon_hf.training import Recipe
+
+diagnose = load_script("benchmarks/shapes/diagnose.py")
+release = load_script("benchmarks/shapes/release.py")
 
 STAGES = ("stage0_language", "stage1", "stage2", "stage3")
 
@@ -96,7 +95,8 @@ def test_release_copies_the_model_with_a_card_of_its_scores(harmon_folder, tmp_p
     with pytest.raises(ValueError, match=r"generation 0.300 < 0.9; understanding 0.600 < 0.9"):
         release.release(run, tmp_path / "bundled")
     assert not (tmp_path / "bundled").exists()
-    refused = subprocess.run([sys.executable, "-m", "harmon_hf.shapes.release", str(run)], capture_output=True, text=True)
+    refused = subprocess.run([sys.executable, REPO / "benchmarks" / "shapes" / "release.py", str(run)],
+                             capture_output=True, text=True)
     assert refused.returncode == 1 and "below the targets" in refused.stderr and "--force" in refused.stderr
     destination = release.release(run, tmp_path / "bundled", force=True)
     card = (destination / "README.md").read_text()
@@ -117,21 +117,21 @@ def test_prompt_influence_finds_where_the_prompt_is_lost(world_folder, capsys):
 
     model = HarmonForConditionalGeneration.from_pretrained(world_folder).eval()
     processor = HarmonProcessor.from_pretrained(world_folder)
-    influence = prompt_influence(model, processor, count=4)
-    assert list(influence) == list(PROMPT_PATH) and all(value > 1e-3 for value in influence.values())
+    influence = diagnose.prompt_influence(model, processor, count=4)
+    assert list(influence) == list(diagnose.PROMPT_PATH) and all(value > 1e-3 for value in influence.values())
     # A proj_out that drops the LLM's output (only its bias is left): the prompt is lost at `projected`.
     with torch.no_grad():
         model.model.proj_out.linear_2.weight.zero_()
-    deaf = prompt_influence(model, processor, count=4)
+    deaf = diagnose.prompt_influence(model, processor, count=4)
     assert deaf["llm_output"] == pytest.approx(influence["llm_output"])
     assert deaf["projected"] == deaf["decoder_input"] == deaf["conditions"] == 0.0
     with pytest.raises(ValueError, match="count must be at least 2"):
-        prompt_influence(model, processor, count=1)
+        diagnose.prompt_influence(model, processor, count=1)
     diagnose.main([str(world_folder), "--count", "4", "--recall-count", "3", "--answer-count", "5"])
     printed = capsys.readouterr().out
-    assert all(f"{step} " in printed for step in PROMPT_PATH) and f"{influence['conditions']:.4f}" in printed
-    assert all(f"  {measure} " in printed for measure in RECALL_MEASURES)
-    assert all(f"  {measure} " in printed for measure in FIRST_ROUND_MEASURES)
+    assert all(f"{step} " in printed for step in diagnose.PROMPT_PATH) and f"{influence['conditions']:.4f}" in printed
+    assert all(f"  {measure} " in printed for measure in diagnose.RECALL_MEASURES)
+    assert all(f"  {measure} " in printed for measure in diagnose.FIRST_ROUND_MEASURES)
     assert "latent distance between colours" in printed
     assert "right answers by question type and kind of scene, about the image (5 training" in printed
     assert "about its description, no image" in printed
@@ -145,8 +145,8 @@ def test_object_recall_reads_what_the_head_draws_in_the_masked_cell(world_folder
 
     model = HarmonForConditionalGeneration.from_pretrained(world_folder).eval()
     processor = HarmonProcessor.from_pretrained(world_folder)
-    recall = object_recall(model, processor, count=6)
-    assert list(recall) == list(RECALL_MEASURES) and all(0.0 <= value <= 1.0 for value in recall.values())
+    recall = diagnose.object_recall(model, processor, count=6)
+    assert list(recall) == list(diagnose.RECALL_MEASURES) and all(0.0 <= value <= 1.0 for value in recall.values())
 
     # A head that draws the true token scores 1.0; one that draws the empty cell scores `empty` 1.0 and nothing else.
     seen, run_round = {}, model.model.run_round
@@ -157,13 +157,15 @@ def test_object_recall_reads_what_the_head_draws_in_the_masked_cell(world_folder
 
     monkeypatch.setattr(model.model, "run_round", spying_run_round)
     monkeypatch.setattr(model.model.diffusion_head, "sample", lambda conditions, *args, **kwargs: seen["truth"])
-    assert object_recall(model, processor, count=6) == {"object": 1.0, "colour": 1.0, "shape": 1.0, "empty": 0.0}
+    assert diagnose.object_recall(model, processor, count=6) == {"object": 1.0, "colour": 1.0, "shape": 1.0,
+                                                                 "empty": 0.0}
     with torch.no_grad():
         empty_scene = model.encode_images(render_pixels([Scene("single", ())], IMAGE_SIZE)).flatten(1, 2)[0]
     monkeypatch.setattr(model.model.diffusion_head, "sample", lambda conditions, *args, **kwargs: empty_scene[seen["cells"]])
-    assert object_recall(model, processor, count=6) == {"object": 0.0, "colour": 0.0, "shape": 0.0, "empty": 1.0}
+    assert diagnose.object_recall(model, processor, count=6) == {"object": 0.0, "colour": 0.0, "shape": 0.0,
+                                                                 "empty": 1.0}
     with pytest.raises(ValueError, match="count must be at least 1"):
-        object_recall(model, processor, count=0)
+        diagnose.object_recall(model, processor, count=0)
 
 
 def test_first_round_reads_every_cell_the_head_draws_with_all_tokens_masked(world_folder, monkeypatch):
@@ -174,10 +176,10 @@ def test_first_round_reads_every_cell_the_head_draws_with_all_tokens_masked(worl
 
     model = HarmonForConditionalGeneration.from_pretrained(world_folder).eval()
     processor = HarmonProcessor.from_pretrained(world_folder)
-    scenes = first_round_scenes(6)
-    draws = first_round_draws(model, processor, scenes)
+    scenes = diagnose.first_round_scenes(6)
+    draws = diagnose.first_round_draws(model, processor, scenes)
     assert len(draws) == 6 and all(len(cells) == CELLS * CELLS for cells in draws)
-    assert list(first_round_binding(scenes, draws)) == list(FIRST_ROUND_MEASURES)
+    assert list(diagnose.first_round_binding(scenes, draws)) == list(diagnose.FIRST_ROUND_MEASURES)
 
     # A head that draws each scene's object token in its cell and the empty token elsewhere draws exactly its one
     # object in every image, in the asked colour.
@@ -189,21 +191,21 @@ def test_first_round_reads_every_cell_the_head_draws_with_all_tokens_masked(worl
     truth[torch.arange(6), cells] = own[torch.arange(6), cells]
     truth, empty = truth.flatten(0, 1), empty.flatten(0, 1)  # (6 * cells, c), scene-major as the head samples them
     monkeypatch.setattr(model.model.diffusion_head, "sample", lambda conditions, *args, **kwargs: truth)
-    draws = first_round_draws(model, processor, scenes)
+    draws = diagnose.first_round_draws(model, processor, scenes)
     assert [sum(content is not None for content in cells) for cells in draws] == [1] * 6
-    assert first_round_binding(scenes, draws) == {"objects per image": 1.0, "object": 1.0, "colour": 1.0,
-                                                  "shape": 1.0}
-    confusion = colour_confusion(scenes, draws)
+    assert diagnose.first_round_binding(scenes, draws) == {"objects per image": 1.0, "object": 1.0, "colour": 1.0,
+                                                           "shape": 1.0}
+    confusion = diagnose.colour_confusion(scenes, draws)
     for asked in PALETTE:
         assert confusion[asked][asked] == sum(scene.objects[0].colour == asked for scene in scenes)
         assert sum(confusion[asked].values()) == confusion[asked][asked]
     # One that draws nothing: no objects, and no share of them to report.
     monkeypatch.setattr(model.model.diffusion_head, "sample", lambda conditions, *args, **kwargs: empty)
-    nothing = first_round_binding(scenes, first_round_draws(model, processor, scenes))
+    nothing = diagnose.first_round_binding(scenes, diagnose.first_round_draws(model, processor, scenes))
     assert nothing["objects per image"] == 0.0
     assert all(math.isnan(nothing[measure]) for measure in ("object", "colour", "shape"))
     with pytest.raises(ValueError, match="count must be at least 1"):
-        first_round_scenes(0)
+        diagnose.first_round_scenes(0)
 
 
 def test_colour_separation_measures_distances_between_latent_tokens(world_folder, monkeypatch):
@@ -211,7 +213,7 @@ def test_colour_separation_measures_distances_between_latent_tokens(world_folder
     from harmon_hf.shapes.world import PALETTE
 
     model = HarmonForConditionalGeneration.from_pretrained(world_folder).eval()
-    separation = colour_separation(model)
+    separation = diagnose.colour_separation(model)
     table = separation["colours"]
     assert list(table) == list(PALETTE) and all(list(row) == list(PALETTE) for row in table.values())
     for a in PALETTE:
@@ -224,7 +226,7 @@ def test_colour_separation_measures_distances_between_latent_tokens(world_folder
     # Distances in the latent space: tokens twice as large are twice as far apart.
     encode_images = model.encode_images
     monkeypatch.setattr(model, "encode_images", lambda pixels: 2 * encode_images(pixels))
-    doubled = colour_separation(model)
+    doubled = diagnose.colour_separation(model)
     assert doubled["object to empty"] == pytest.approx(2 * separation["object to empty"], rel=1e-4)
     assert doubled["colours"]["red"]["blue"] == pytest.approx(2 * table["red"]["blue"], rel=1e-4)
 

@@ -4,8 +4,10 @@ The app runs in this process, loaded from $HARMON_MODEL like the Space, so the t
 pipeline. Screenshots go to test-artifacts/space/.
 """
 
+import importlib.metadata
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -14,10 +16,14 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import SpaceCard
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import ElementClickInterceptedException
@@ -36,6 +42,7 @@ ARTIFACTS = REPO / "test-artifacts" / "space"
 FAST = {"rounds": 4, "steps": 6}  # the tiny model's generation in a fraction of a second
 TIMEOUT = 60  # seconds for anything the page waits for; the 2-core machine may be busy with other work
 UPLOAD_ATTEMPTS = 3
+MIN_SHOWN_WIDTH = 128  # px on the page for the models' small images (48 px for Harmon-Shapes, 32 to 64 px here)
 
 
 def _free_port() -> int:
@@ -239,6 +246,25 @@ def _assert_shows(images: list[Image.Image], pipe, prompt: str, seed: int, heigh
         assert np.array_equal(np.asarray(shown.convert("RGB")), np.asarray(made))
 
 
+def _assert_shown_large_and_inside(page: Page, elem_id: str, box_css: str):
+    """Every image of the component is drawn at least MIN_SHOWN_WIDTH px wide and lies inside `box_css`, the box
+    that shows it (measured in the page: the element's rectangle and the part of it the picture fills)."""
+    images = page.wait_for(lambda: [image for image in page.driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} img")
+                                    if image.get_property("complete") and image.get_property("naturalWidth")],
+                           message=f"the images of #{elem_id} to load")
+    box = page.element(box_css).rect
+    for image in images:
+        rect, fit = image.rect, image.value_of_css_property("object-fit")
+        assert fit in ("contain", "scale-down"), fit
+        scale = min(rect["width"] / image.get_property("naturalWidth"),
+                    rect["height"] / image.get_property("naturalHeight"))
+        if fit == "scale-down":  # never enlarged
+            scale = min(scale, 1.0)
+        assert image.get_property("naturalWidth") * scale >= MIN_SHOWN_WIDTH, (elem_id, rect, fit)
+        assert box["x"] - 1 <= rect["x"] and rect["x"] + rect["width"] <= box["x"] + box["width"] + 1, (rect, box)
+        assert box["y"] - 1 <= rect["y"] and rect["y"] + rect["height"] <= box["y"] + box["height"] + 1, (rect, box)
+
+
 def _generate(page: Page, prompt: str, seed: int, height: int = 64, width: int = 64, images: int = 1,
               rounds: int = FAST["rounds"], steps: int = FAST["steps"]):
     page.type("generate-prompt", prompt)
@@ -254,6 +280,7 @@ def test_generate_shows_the_images_asked_for(app, open_page, expected_pipe):
     _generate(page, "a red circle to the left of a blue square", seed=5, height=32, width=64, images=2)
     images = page.wait_for(lambda: page.images("gallery"), message="the generated images")
     page.screenshot("generate")
+    _assert_shown_large_and_inside(page, "gallery", "#gallery .grid-wrap")  # the gallery's scrolling box
     assert [image.size for image in images] == [(64, 32), (64, 32)]
     _assert_shows(images, expected_pipe, "a red circle to the left of a blue square", seed=5, height=32, width=64)
     assert page.element("#generate-seed input").get_attribute("value") == "5"
@@ -320,6 +347,7 @@ def test_inpaint_regenerates_the_painted_region(app, open_page, pipeline_calls):
     page.screenshot("inpaint")
 
     assert result.size == (64, 64)  # the model's image size
+    _assert_shown_large_and_inside(page, "inpaint-result", "#inpaint-result")
     (call,) = pipeline_calls
     token_mask = call["token_mask"].reshape(4, 4)  # 64 px / 16 px patches
     assert 0 < token_mask.sum() < 8, token_mask
@@ -377,6 +405,7 @@ def test_sessions_at_once_each_get_their_own_images(app, open_page, expected_pip
         page.click("#generate-run")
         images = page.wait_for(lambda: page.images("gallery"), message=f"session {index}'s image")
         page.screenshot(f"session-{index}")
+        _assert_shown_large_and_inside(page, "gallery", "#gallery .grid-wrap")  # one image, not wider than the box
         return images, page.text()
 
     results = list(ThreadPoolExecutor(sessions).map(use, range(sessions)))
@@ -416,3 +445,51 @@ def test_space_entry_point_serves_on_localhost(harmon_folder):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _specifiers(requirements) -> dict:
+    return {canonicalize_name(requirement.name): requirement.specifier for requirement in requirements}
+
+
+def test_space_requirements_are_the_packages_dependencies():
+    """spaces/requirements.txt installs what harmon-hf needs wherever the Space builds: each line a plain requirement
+    (no URL, path or pip option, which would only resolve beside this repository), the same as pyproject's
+    dependencies, all satisfied together by this environment's versions; and the Space's gradio (sdk_version) is
+    one the demo extra allows. Checked offline: the index is not asked, pyproject's dependencies are read from the
+    installed package's metadata."""
+    declared = [Requirement(line) for line in importlib.metadata.requires("harmon-hf")]
+    dependencies = [requirement for requirement in declared if requirement.marker is None]
+    demo = [requirement for requirement in declared
+            if requirement.marker is not None and requirement.marker.evaluate({"extra": "demo"})]
+    lines = [line.split("#")[0].strip() for line in (REPO / "spaces" / "requirements.txt").read_text().splitlines()]
+    required = [Requirement(line) for line in lines if line]  # InvalidRequirement on an option or a bad line
+    assert required and all(requirement.url is None and requirement.marker is None for requirement in required)
+    assert _specifiers(required) == _specifiers(dependencies)
+    for requirement in required:
+        installed = importlib.metadata.version(requirement.name)
+        assert requirement.specifier.contains(installed, prereleases=True), (requirement, installed)
+    sdk_version = SpaceCard.load(REPO / "spaces" / "README.md").data.sdk_version
+    assert _specifiers(demo)["gradio"].contains(sdk_version)
+
+
+def test_the_space_repository_runs_on_its_own_copy_of_the_package(tmp_path):
+    """The Space's repository as the Deploying commands of spaces/README.md put it together: app.py's folder gives
+    it harmon_hf (ahead of any installed copy), and with it the bundled model the Space serves by default."""
+    readme = (REPO / "spaces" / "README.md").read_text()
+    assemble = re.search(r"```bash\n(.*?)```", readme[readme.index("## Deploying"):], flags=re.DOTALL)[1]
+    space = tmp_path / "space"
+    subprocess.run(["bash", "-euo", "pipefail", "-c", assemble], cwd=REPO, env={**os.environ, "SPACE": str(space)},
+                   check=True)
+    assert {p.name for p in space.iterdir()} == {"README.md", "app.py", "requirements.txt", "screenshots", "harmon_hf"}
+    assert {p.name for p in (space / "screenshots").iterdir()} == {"generate.png", "understand.png", "inpaint.png"}
+    assert not list(space.rglob("__pycache__"))
+    # What app.py does first, from the folder it runs in: import the demo and load the default model.
+    started = subprocess.run(
+        [sys.executable, "-c", "import harmon_hf.demo\nfrom harmon_hf.loading import load_pipeline\n"
+         "print(harmon_hf.demo.__file__)\nprint(load_pipeline(None).model.config.name_or_path)"],
+        cwd=space, capture_output=True, text=True, timeout=300,
+        env={name: value for name, value in os.environ.items() if name not in ("HARMON_MODEL", "PYTHONPATH")})
+    assert started.returncode == 0, started.stderr[-3000:]
+    demo_file, model = started.stdout.strip().splitlines()[-2:]
+    assert Path(demo_file) == space / "harmon_hf" / "demo.py"
+    assert Path(model) == space / "harmon_hf" / "models" / "harmon-shapes"

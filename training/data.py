@@ -122,15 +122,16 @@ def check_source(recipe: Recipe, index: int, processor):
 
 
 def chat_ids(processor, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids of the conversation in the chat template; labels on the assistant turns only."""
-    input_ids, labels = [], []
-    for message in messages:
-        rendered = processor.apply_chat_template([message])
-        header = f"<|im_start|>{message['role']}\n"
-        header_ids = processor.tokenizer(header, add_special_tokens=False)["input_ids"]
-        body_ids = processor.tokenizer(rendered[len(header):], add_special_tokens=False)["input_ids"]
-        input_ids += header_ids + body_ids
-        labels += [-100] * len(header_ids) + (body_ids if message["role"] == "assistant" else [-100] * len(body_ids))
+    """Token ids of the conversation in the chat template, and its labels: the ids of what the assistant writes (its
+    answers and their `<|im_end|>`, as the template's `{% generation %}` marks them), -100 elsewhere.
+
+    The tokenizer renders the processor's template, so each `<image>` stays one token here: the caller expands it to
+    the placeholders of the recipe's image size.
+    """
+    encoding = processor.tokenizer.apply_chat_template(messages, chat_template=processor.chat_template, tokenize=True,
+                                                       return_dict=True, return_assistant_tokens_mask=True)
+    input_ids = list(encoding["input_ids"])
+    labels = [token if in_answer else -100 for token, in_answer in zip(input_ids, encoding["assistant_masks"])]
     return input_ids, labels
 
 

@@ -19,8 +19,10 @@ def export_merged(base: str, adapter: "str | Path", output: "str | Path"):
     from transformers import AutoProcessor
 
     from harmon_hf import HarmonForConditionalGeneration
+    from harmon_hf.model_card import CARD_FILE, merged_card
 
     merged = load_with_adapter(HarmonForConditionalGeneration.from_pretrained(base), adapter)
     merged.save_pretrained(output)
     AutoProcessor.from_pretrained(base).save_pretrained(output)
+    merged_card(output, base, adapter).save(Path(output) / CARD_FILE)
     return merged

@@ -7,6 +7,8 @@ import torch
 from accelerate import PartialState
 from transformers import AutoProcessor, TrainingArguments, set_seed
 
+from ..model_card import CARD_FILE, training_card
+from ..modeling import HarmonForConditionalGeneration  # also registers Harmon with AutoProcessor
 from .data import HarmonDataCollator, build_training_stream, check_source
 from .recipe import Recipe
 from .trainer import HarmonTrainer, latest_complete_checkpoint
@@ -44,8 +46,6 @@ def reading_model(name: str):
 
 
 def load_model(recipe: Recipe):
-    from harmon_hf import HarmonForConditionalGeneration
-
     with reading_model(recipe.model):
         model = HarmonForConditionalGeneration.from_pretrained(recipe.model, dtype=torch.float32)
     if recipe.image_size % model.config.vae_stride:
@@ -110,4 +110,6 @@ def train(recipe: Recipe, resume: bool | str = False) -> Path:
     trainer.save_state()  # trainer_state.json in output_dir: the whole log history
     final = Path(recipe.output_dir) / ("adapter" if recipe.lora is not None else "final")
     trainer.save_model(str(final))  # a normal model folder with its processor (or the adapter alone with LoRA)
+    if trainer.args.should_save:  # the main process, which alone writes the folder
+        training_card(final, recipe, trainer.state.global_step).save(final / CARD_FILE)
     return final

@@ -22,8 +22,8 @@ _SUBMODULE_OF = {
     "HarmonProcessor": "modeling",
     "HarmonSamplingPreset": "modeling",
     "SAMPLING_PRESETS": "modeling",
-    "HarmonPipeline": "pipeline_harmon",
-    "HarmonPipelineOutput": "pipeline_harmon",
+    "HarmonPipeline": "modeling",
+    "HarmonPipelineOutput": "modeling",
     "BUNDLED_MODEL": "bundled_model",
     "bundled_model_path": "bundled_model",
     "processor_for": "convert",
@@ -35,9 +35,8 @@ if TYPE_CHECKING:
     from .bundled_model import BUNDLED_MODEL, bundled_model_path
     from .convert import processor_for
     from .modeling import (SAMPLING_PRESETS, HarmonConfig, HarmonDiffusionScheduler, HarmonForConditionalGeneration,
-                           HarmonImageProcessor, HarmonModel, HarmonPreTrainedModel, HarmonProcessor,
-                           HarmonSamplingPreset)
-    from .pipeline_harmon import HarmonPipeline, HarmonPipelineOutput
+                           HarmonImageProcessor, HarmonModel, HarmonPipeline, HarmonPipelineOutput,
+                           HarmonPreTrainedModel, HarmonProcessor, HarmonSamplingPreset)
 
 
 def __getattr__(name: str):

@@ -9,7 +9,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .loading import MODEL_ENVIRONMENT_VARIABLE, load_pipeline
+from .loading import DEVICES, DTYPES, MODEL_ENVIRONMENT_VARIABLE, load_pipeline
 
 
 DPM_SOLVER_STEPS = 20  # diffusion-head steps of `harmon eval --scheduler dpm-solver` unless --steps says otherwise
@@ -136,7 +136,7 @@ def _generate(args):
     kwargs = _generation_kwargs(args)
     for path in _output_paths(args.output, args.n):
         check_output(path)
-    pipeline = load_pipeline(args.model, args.lora)
+    pipeline = _load(args)
     images = pipeline(args.prompt, generator=_generator(args.seed), **kwargs).images
     for image, path in zip(images, _output_paths(args.output, len(images))):
         atomic_save(image, path)
@@ -180,7 +180,7 @@ def _generate_batch(args):
     if not todo:
         print(f"all {len(mine)} prompts of this process are already done in {outdir}")
         return
-    pipeline = load_pipeline(args.model, args.lora)
+    pipeline = _load(args)
     pipeline.to(state.device)
     pipeline.set_progress_bar_config(disable=True)
     for index in tqdm(todo, desc=f"prompts (process {state.process_index})", disable=not state.is_local_main_process):
@@ -240,7 +240,7 @@ def _describe(args):
 
     _check_max_new_tokens(args)
     image = open_image(args.image)
-    pipeline = load_pipeline(args.model)
+    pipeline = _load(args)
     stream_answer(pipeline, [image_question(args.question)], [image], args.max_new_tokens)
 
 
@@ -251,7 +251,7 @@ def _chat(args):
     if sys.stdin is None or sys.stdin.closed:
         raise CommandError("chat reads the questions from standard input, which is closed")
     image = open_image(args.image)
-    pipeline = load_pipeline(args.model)
+    pipeline = _load(args)
     messages = []
     print("Ask about the image; an empty line, 'exit' or Ctrl-D ends the chat.")
     while True:
@@ -274,7 +274,7 @@ def _inpaint(args):
     kwargs = _generation_kwargs(args)
     for path in _output_paths(args.output, args.n):
         check_output(path)
-    pipeline = load_pipeline(args.model)
+    pipeline = _load(args)
     images = pipeline(args.prompt, image=image, mask_image=mask, generator=_generator(args.seed),
                       **kwargs).images
     for result, path in zip(images, _output_paths(args.output, len(images))):
@@ -288,7 +288,7 @@ def _evaluate(args):
     if args.n < 5:
         raise CommandError(f"--n must be at least 5 (one sample per category), got {args.n}")
     check_preset(args.preset)
-    pipeline = load_pipeline(args.model)
+    pipeline = _load(args)
     sampling = {"num_inference_steps": args.steps, "preset": args.preset}
     if args.rounds is not None:
         sampling["num_iter"] = args.rounds
@@ -344,6 +344,15 @@ def _convert(args):
 def _add_model_argument(parser):
     parser.add_argument("--model", help=f"model folder or Hub id (default: ${MODEL_ENVIRONMENT_VARIABLE}, else the "
                                         "bundled model)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="precision of the weights and the computation (float32, the reference's; auto: bfloat16 "
+                             "where the device computes it natively, float32 elsewhere)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (auto: the GPU if there is one)")
+
+
+def _load(args):
+    """The pipeline of the model the arguments name, in their dtype, on their device."""
+    return load_pipeline(args.model, getattr(args, "lora", None), dtype=args.dtype, device=args.device)
 
 
 def _add_sampling_arguments(parser):

@@ -12,13 +12,16 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 
+from .model_card import CARD_FILE, conversion_card
 from .user_input import first_line, unwritable_folder
 from .modeling import HarmonConfig, HarmonForConditionalGeneration, HarmonImageProcessor, HarmonProcessor
+from .modeling.configuration_harmon import QWEN2_5_0_5B_INSTRUCT
 
 
 IMAGE_TOKEN = "<image>"
 # Shards of at most this size keep every file of the 1.5B model in float32 small enough for ordinary uploads.
 MAX_SHARD_SIZE = "2GB"
+
 
 def processor_for(config: HarmonConfig, tokenizer) -> HarmonProcessor:
     """The processor matching a model's configuration, around a tokenizer that knows `<image>`."""
@@ -175,14 +178,52 @@ def config_from_reference(reference: dict) -> HarmonConfig:
     )
 
 
+# Keyword arguments of `HarmonConfig` for the released checkpoints (wusize/harmon); Harmon-1.5B-O shares 1.5b's.
+RELEASES = {
+    "0.5b": {},  # the defaults of HarmonConfig
+    "1.5b": {
+        "text_config": {
+            **QWEN2_5_0_5B_INSTRUCT,
+            "hidden_size": 1536,
+            "intermediate_size": 8960,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 12,
+        },
+        "encoder_hidden_size": 1280,
+        "encoder_num_hidden_layers": 20,
+        "encoder_num_attention_heads": 16,
+        "decoder_hidden_size": 1280,
+        "decoder_num_hidden_layers": 20,
+        "decoder_num_attention_heads": 16,
+        "diffusion_head_hidden_size": 1536,
+        "diffusion_head_num_layers": 12,
+    },
+}
+
+
+def release_name(config: "str | Path | dict | HarmonConfig") -> str | None:
+    """The release a `--config` names, as "0.5b", "1.5b" or "1.5b-o" ("Harmon-1.5B" too), else None."""
+    name = str(config).lower().removeprefix("harmon-").removeprefix("harmon_")
+    return name if name in {"0.5b", "1.5b", "1.5b-o"} else None
+
+
+def release_config(name: str, **overrides) -> HarmonConfig:
+    """The configuration of a released checkpoint, `"0.5b"` or `"1.5b"` (`"1.5b-o"` and "Harmon-1.5B" too), with
+    `overrides` (HarmonConfig's keyword arguments) on top."""
+    release = release_name(name)
+    if release is None:
+        raise ValueError(f"Unknown Harmon release {name!r}; expected one of {sorted(RELEASES)}")
+    return HarmonConfig(**{**RELEASES[release.removesuffix("-o")], **overrides})
+
+
 def resolve_config(config: "str | Path | dict | HarmonConfig") -> HarmonConfig:
     """`"0.5b"`/`"1.5b"`, a JSON file of the reference schema, its parsed dict, or a `HarmonConfig`."""
     if isinstance(config, HarmonConfig):
         return config
     if isinstance(config, dict):
         return config_from_reference(config)
-    if str(config).lower().removeprefix("harmon-").removeprefix("harmon_") in {"0.5b", "1.5b", "1.5b-o"}:
-        return HarmonConfig.from_release(str(config))
+    if release_name(config) is not None:
+        return release_config(str(config))
     path = Path(config)
     if not path.is_file():
         raise ValueError(f"--config must be 0.5b, 1.5b or a JSON file, got {str(config)!r} (no such file)")
@@ -328,8 +369,9 @@ def convert(
 ) -> HarmonForConditionalGeneration:
     """Convert a release checkpoint and VAE; with `output`, save the model (safetensors) and tokenizer there.
 
-    Tensors holding NaN or inf are refused unless `allow_nonfinite`.
+    Tensors holding NaN or inf are refused unless `allow_nonfinite`. The folder's README.md is its model card.
     """
+    release = release_name(config)
     config = resolve_config(config)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
@@ -358,6 +400,7 @@ def convert(
             model.save_pretrained(output, max_shard_size=max_shard_size)
             if processor is not None:
                 processor.save_pretrained(output)
+            conversion_card(output, checkpoint, vae, release, dtype, processor is not None).save(output / CARD_FILE)
         except OSError as error:  # a full disk, or a folder made unwritable since the check
             raise ValueError(f"cannot write {output}: {error.strerror or error}") from error
     return model

@@ -23,7 +23,7 @@ from transformers.generation.streamers import BaseStreamer
 from .answering import answer, image_question
 from .loading import load_pipeline
 from .modeling import SAMPLING_PRESETS
-from .pipeline_harmon import HarmonPipeline
+from .modeling import HarmonPipeline
 
 
 # Limits that keep one request from holding the model for long while others wait.
@@ -42,6 +42,10 @@ MAX_CONVERSATION_CHARACTERS = 8000  # a chat's earlier turns and the new questio
 MAX_INPUT_PIXELS = 4096 * 4096
 # Requests waiting beyond this many are turned away with "queue full" rather than waiting for minutes.
 MAX_QUEUE_SIZE = 32
+# Gradio shows an image at its own size at most (object-fit: scale-down): a 48 px one would be a dot in its box.
+# Enlarged to fill the box, as the gallery's images are.
+PAGE_CSS = ":is(#chat-image, #inpaint-result) .image-frame {width: 100%} " \
+           ":is(#chat-image, #inpaint-result) .image-frame img {object-fit: contain}"
 DEFAULT_NEW_TOKENS = 256
 
 EXAMPLES = Path(__file__).parent / "demo_examples"
@@ -389,7 +393,11 @@ class HarmonDemo:
                     num_images = gr.Slider(1, MAX_IMAGES_PER_PROMPT, value=1, step=1, precision=0, label="Images",
                                            elem_id="num-images")
                 settings = _sampling_settings("generate", self.sampling_defaults)
-            gallery = gr.Gallery(label="Images", format="png", columns=2, object_fit="contain", elem_id="gallery")
+            # Gradio widens fewer images than `columns` to the full width (fit_columns), where one square image is
+            # taller than the box and scrolls in it. At half the width each image shows whole (48 px ones enlarged,
+            # to about 270 px in a 1280 px window), and the box is tall enough for two rows: MAX_IMAGES_PER_PROMPT.
+            gallery = gr.Gallery(label="Images", format="png", columns=2, fit_columns=False, height=600,
+                                 object_fit="contain", elem_id="gallery")
         gr.Examples([["a red circle left of a blue square"], ["a green triangle above a yellow square"],
                      ["three purple circles on a white background"]], inputs=[prompt])
         self._on_run("generate", [run.click, prompt.submit], stop, self.generate,
@@ -399,7 +407,8 @@ class HarmonDemo:
     def _understand_tab(self):
         with gr.Row():
             with gr.Column(scale=2):
-                image = _uploaded_image(label="Image", sources=["upload", "clipboard"], elem_id="chat-image")
+                image = _uploaded_image(label="Image", sources=["upload", "clipboard"], height=320,
+                                        elem_id="chat-image")
                 max_new_tokens = gr.Slider(16, MAX_NEW_TOKENS, value=DEFAULT_NEW_TOKENS, step=1, precision=0,
                                            label="Longest answer (tokens)", elem_id="max-new-tokens")
             with gr.Column(scale=3):
@@ -500,5 +509,5 @@ def launch(model: HarmonPipeline | str | None = None, host: str = "127.0.0.1", p
     """Serves the demo at http://host:port. `options` go to `gr.Blocks.launch` (`prevent_thread_lock=True` returns
     at once, with the app running in the background)."""
     demo = build_demo(model)
-    demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD_SIZE, **options)
+    demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD_SIZE, css=PAGE_CSS, **options)
     return demo

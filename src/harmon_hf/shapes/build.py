@@ -28,7 +28,7 @@ SHAPES_TEXT_CONFIG = {
     "intermediate_size": 512,
     "num_hidden_layers": 4,
     # Eight heads of 24 rather than four of 48 (two key/value): trained alone to find the object a question names
-    # from one token per cell (`python -m harmon_hf.shapes.lookup MODEL --objects cells`), a fresh LLM with eight
+    # from one token per cell (`python benchmarks/shapes/lookup.py MODEL --objects cells`), a fresh LLM with eight
     # was right 0.994 of the time after 300 steps, with four 0.762 after 300 and 0.773 after 400.
     "num_attention_heads": 8,
     "num_key_value_heads": 8,

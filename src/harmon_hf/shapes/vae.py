@@ -40,7 +40,7 @@ KL_WEIGHT = 1e-4
 # simply growing. With a learned, near-zero deviation (and KL weight 1e-6) yellow and orange tokens lay 2.17 apart and
 # red and green 2.89, against 11.8 between an object and the empty cell, and the diffusion head drew exactly these
 # colours for each other; with 0.25 they lie 3.67 and 4.80 apart (15.2 for an object), and a Harmon-Shapes trained on
-# them draws the object it is certain of 0.935 of the time instead of 0.31 (`python -m harmon_hf.shapes.diagnose`).
+# them draws the object it is certain of 0.935 of the time instead of 0.31 (`python benchmarks/shapes/diagnose.py`).
 POSTERIOR_STD = 0.25
 # The background is ~90 % of the pixels. Unweighted, training sat for a seed-dependent time at blurry objects: after
 # 1200 steps 0.67 of 200 held-out reconstructions passed the detector, against 0.98 with this weight.

@@ -353,7 +353,7 @@ def finding_questions(scene: Scene) -> list[tuple[str, str, str]]:
 
 # Finding the object a question names from one token per object forms late: a fresh LLM of this size trained on
 # nothing else, 64 conversations of four such questions a step, was right 0.769 of the time after 200 steps and 0.994
-# after 300 (`python -m harmon_hf.shapes.lookup MODEL --objects cells`), so the cells conversations ask more
+# after 300 (`python benchmarks/shapes/lookup.py MODEL --objects cells`), so the cells conversations ask more
 # questions, and about two objects only those that need the object found.
 CELLS_QUESTIONS = 6
 

@@ -22,4 +22,5 @@ for STAGE in stage1 stage2 stage3; do
   harmon eval shapes --model "$RUN/$STAGE/final" --json "$RUN/eval-$STAGE.json"
 done
 harmon eval shapes --model "$RUN/stage3/final" --scheduler dpm-solver --json "$RUN/eval-stage3-dpm-solver.json"
-python -m harmon_hf.shapes.release "$RUN"
+# The release script copies the model into the source tree's package: it lives in the checkout, not the install.
+python "$(dirname "$0")/../../../benchmarks/shapes/release.py" "$RUN"

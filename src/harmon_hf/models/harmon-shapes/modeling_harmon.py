@@ -129,6 +129,12 @@ def visible_positions(mask: torch.Tensor, buffer_size: int) -> torch.Tensor:
     return torch.cat([mask.new_zeros(mask.shape[0], buffer_size), mask], dim=1) == 0
 
 
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype `module` computes in: its first floating-point parameter's. Not a linear layer's weight dtype,
+    which bitsandbytes makes int8 (or packed uint8) while the layer still takes and returns floating point."""
+    return next(parameter.dtype for parameter in module.parameters() if parameter.is_floating_point())
+
+
 class HarmonMARStack(nn.Module):
     """The transformer blocks and final norm shared by the MAR encoder and decoder."""
 
@@ -166,7 +172,7 @@ class HarmonMAREncoder(nn.Module):
         Every row must have the same number of masked tokens.
         """
         batch = tokens.shape[0]
-        embeddings = self.token_proj(tokens.to(self.token_proj.weight.dtype))
+        embeddings = self.token_proj(tokens.to(compute_dtype(self)))
         buffers = self.buffer_embedding.expand(batch, self.buffer_size, -1)
         position = buffered_position_embedding(self.pos_embed, self.buffer_size, self.base_grid_size, grid_size)
         embeddings = self.token_norm(torch.cat([buffers, embeddings], dim=1) + position)
@@ -205,6 +211,12 @@ class HarmonMARDecoder(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # Diffusion head
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def takes_learned_variance(scheduler) -> bool:
+    """Whether `scheduler` steps with the head's variance values too ([`HarmonDiffusionScheduler`], from any copy
+    of its file), or with the prediction alone (diffusers' schedulers)."""
+    return getattr(scheduler, "takes_learned_variance", False)
 
 
 def modulate(hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -275,12 +287,12 @@ class HarmonDiffusionHead(nn.Module):
 
     def embed_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
         """timesteps (...) of the original process -> (..., width)."""
-        return self.time_embed(self.time_proj(timesteps.flatten()).to(self.input_proj.weight.dtype)).reshape(
+        return self.time_embed(self.time_proj(timesteps.flatten()).to(compute_dtype(self))).reshape(
             *timesteps.shape, -1
         )
 
     def embed_conditions(self, condition: torch.Tensor) -> torch.Tensor:
-        return self.cond_embed(condition.to(self.input_proj.weight.dtype))
+        return self.cond_embed(condition.to(compute_dtype(self)))
 
     def modulations(self, conditioning: torch.Tensor) -> list[torch.Tensor]:
         """conditioning (..., width) = time + condition embedding -> one modulation tensor per block and the final layer."""
@@ -289,7 +301,7 @@ class HarmonDiffusionHead(nn.Module):
 
     def denoise(self, noisy: torch.Tensor, modulations: list[torch.Tensor]) -> torch.Tensor:
         """noisy (n, c) -> (n, 2c) under precomputed modulations (each (n, k * width))."""
-        hidden_states = self.input_proj(noisy.to(self.input_proj.weight.dtype))
+        hidden_states = self.input_proj(noisy.to(compute_dtype(self)))
         for block, modulation in zip(self.res_blocks, modulations):
             hidden_states = block(hidden_states, modulation)
         return self.final_layer(hidden_states, modulations[-1])
@@ -325,6 +337,23 @@ class HarmonDiffusionHead(nn.Module):
             scheduler.set_timesteps(num_inference_steps)
         return scheduler
 
+    def check_scheduler(self, scheduler):
+        """Refuse a scheduler that cannot drive this head: another prediction type, or (a scheduler other than
+        [`HarmonDiffusionScheduler`]) a learned variance it would cut the head's output for."""
+        config = scheduler.config
+        if not takes_learned_variance(scheduler) and config.get("variance_type") in ("learned", "learned_range"):
+            raise ValueError(
+                f"{type(scheduler).__name__} would cut the head's output to 3 channels for its learned variance; "
+                "create it with variance_type=None, e.g. DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, "
+                "variance_type=None)"
+            )
+        head_predicts = self.noise_scheduler.config.prediction_type
+        if config.get("prediction_type", head_predicts) != head_predicts:
+            raise ValueError(
+                f"{type(scheduler).__name__} has prediction_type={config.prediction_type!r}, but the model's "
+                f"diffusion head predicts {head_predicts!r}; create the scheduler from pipe.scheduler.config"
+            )
+
     def loss(self, target, conditions, timesteps, noise) -> dict[str, torch.Tensor]:
         """Per-token `mse`, `vb` (bits, mean prediction detached) and `loss` = mse + vb, for target tokens (n, c)
         noised with `noise` (n, c) to `timesteps` (n,) of the training process, under conditions (n, d_dec)."""
@@ -359,7 +388,7 @@ class HarmonDiffusionHead(nn.Module):
         """
         # Every call samples a fresh set of tokens: restart the scheduler (multistep solvers keep a history).
         scheduler.set_timesteps(num_inference_steps or scheduler.num_inference_steps)
-        learned_variance = isinstance(scheduler, HarmonDiffusionScheduler)
+        learned_variance = takes_learned_variance(scheduler)
         num_rows = conditions.shape[0]
         num_independent = num_rows // 2 if guidance_scale != 1.0 else num_rows
         if latents is None:
@@ -558,6 +587,7 @@ class HarmonGenerationState:
     tokens: torch.Tensor  # (b, h*w, c) generated or given tokens, zeros where still masked
     mask: torch.Tensor  # (b, h*w) 1 = still to generate
     orders: torch.Tensor  # (b, h*w) generation order of each image, masked positions first
+    noise: torch.Tensor | None  # (b, h*w, c) every token's starting noise, when the caller fixes it
     # Guidance reuse (HarmonSamplingPreset.guidance_refresh > 1): the conditional prompts alone, and the conditional
     # minus unconditional conditions (b, h*w, d_dec) of the last round that ran both.
     conditional_prompt_cache: DynamicCache | None = None
@@ -588,6 +618,13 @@ class HarmonPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["Qwen2DecoderLayer", "HarmonMARBlock", "HarmonDiffusionHead", "HarmonProjector"]
+    # Loaded in float16, the VAE stays float32 (bfloat16 has float32's range: there it does not). Its activations are
+    # the model's largest and grow with the latents it decodes, the sampler's float32 tokens divided by `vae_scale`,
+    # which nothing bounds: the golden tiny model's random weights sample tokens that decode to NaN in float16, to
+    # finite pixels in float32. Quantizers (bitsandbytes, torchao, ...) leave these modules unquantized too. They
+    # match a name from the start of a module's path, the float16 load anywhere in it: hence the VAE's path in both
+    # HarmonModel and HarmonForConditionalGeneration.
+    _keep_in_fp32_modules = ["vae", "model.vae"]
     _supports_sdpa = True
     _supports_flash_attn = True
 
@@ -789,10 +826,13 @@ class HarmonModel(HarmonPreTrainedModel):
 
     # -- generation -----------------------------------------------------------------------------------------------
 
-    def prefill_prompt(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> DynamicCache:
-        """Keys and values of the (right-padded) prompts, reused by every round."""
+    def prefill_prompt(self, input_ids: torch.LongTensor | None, attention_mask: torch.Tensor,
+                       inputs_embeds: torch.Tensor | None = None) -> DynamicCache:
+        """Keys and values of the (right-padded) prompts (b, L), or of their input embeddings (b, L, d_llm),
+        reused by every round."""
         cache = DynamicCache(config=self.config.text_config)
-        self.language_model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
+        self.language_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                            cache=cache, use_cache=True)
         return cache
 
     def run_round(
@@ -932,9 +972,13 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         return {**RELEASE_IMAGE_GENERATION, "num_inference_steps": self.config.num_inference_steps, **saved}
 
     def image_generation_settings(self, **settings) -> dict:
-        """`settings` (num_iter, guidance_scale, ... by name) with each None replaced by the model's default."""
+        """`settings` (num_iter, guidance_scale, ... by name) with each None replaced by the model's default; a
+        `preset` comes back as a `HarmonSamplingPreset`."""
         defaults = self.image_generation_defaults
-        return {name: defaults[name] if value is None else value for name, value in settings.items()}
+        settings = {name: defaults[name] if value is None else value for name, value in settings.items()}
+        if "preset" in settings:
+            settings["preset"] = sampling_preset(settings["preset"])
+        return settings
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Saved as remote code (`register_for_auto_class`), the folder also answers to the auto classes of
@@ -1072,8 +1116,8 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def generate_images(
         self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         height: int | None = None,
         width: int | None = None,
         num_iter: int | None = None,
@@ -1081,7 +1125,7 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         guidance_schedule: str | None = None,
         temperature: float | None = None,
         num_inference_steps: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         image_latents: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         scheduler=None,
@@ -1089,20 +1133,27 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         should_stop=None,
         output_type: str = "pt",
         preset: str | dict | HarmonSamplingPreset | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Masked-autoregressive text-to-image generation: the one sampling loop, which `HarmonPipeline` runs too.
 
         `input_ids`/`attention_mask` hold the right-padded prompts in Harmon's template (see
-        `HarmonProcessor.generation_inputs`); with guidance (`guidance_scale != 1`) the first half are the conditional
-        prompts and the second half the unconditional ones. A sampling setting left at None is the model's
-        (`image_generation_defaults`). `image_latents` (b, h, w, c) with `mask` (b, h*w, 1 = generate) regenerates
-        only the masked tokens. `scheduler` samples each round's tokens with the diffusion
-        head (default: the reference's, `num_inference_steps` of the head's own process; see
-        `HarmonDiffusionHead.sample` for others). `preset` ("reference", "fast", "fastest" or a
-        `HarmonSamplingPreset`) trades exactness for speed. After each round, `callback(round_index, num_masked,
-        tokens)` sees the tokens (b, h*w, c) and may return others to go on with; `should_stop()`, asked before each
-        round, ends the generation early. Returns float32 pixels (b, 3, H, W), nominally in [-1, 1], or the latents
-        (b, h, w, c) with `output_type="latent"`.
+        `HarmonProcessor.generation_inputs`), or `inputs_embeds` (rows, L, d_llm) their input embeddings; with
+        guidance (`guidance_scale != 1`) the first half are the conditional prompts and the second half the
+        unconditional ones. A sampling setting left at None is the model's (`image_generation_defaults`).
+        `image_latents` (b, h, w, c) with `mask` (b, h*w, 1 = generate) regenerates only the masked tokens.
+        `scheduler` samples each round's tokens with the diffusion head (default: the reference's,
+        `num_inference_steps` of the head's own process; see `HarmonDiffusionHead.sample` for others). `preset`
+        ("reference", "fast", "fastest" or a `HarmonSamplingPreset`) trades exactness for speed.
+
+        Randomness: `generator` draws the generation orders, each token's starting noise and the diffusion steps'
+        noise; a list of generators (one per image) gives each image the draws it would get alone, at the cost of
+        sampling each image's tokens separately. `noise` (b, h, w, c) fixes every token's starting noise instead.
+
+        After each round, `callback(round_index, num_masked, tokens)` sees the tokens (b, h*w, c) and may return
+        others to go on with; `should_stop()`, asked before each round, ends the generation early. Returns float32
+        pixels (b, 3, H, W), nominally in [-1, 1], or the latents (b, h, w, c) with `output_type="latent"`.
         """
         height = self.config.image_size if height is None else height
         width = self.config.image_size if width is None else width
@@ -1112,16 +1163,20 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
                 temperature=temperature, num_inference_steps=num_inference_steps, preset=preset,
             ).values()
         )
-        preset = sampling_preset(preset)
-        self.check_image_generation(input_ids.shape[1], height, width, num_iter, guidance_scale, guidance_schedule,
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give the prompts as input_ids or as inputs_embeds, not both")
+        prompts = input_ids if input_ids is not None else inputs_embeds
+        self.check_image_generation(prompts.shape[1], height, width, num_iter, guidance_scale, guidance_schedule,
                                     temperature, num_inference_steps)
         head = self.model.diffusion_head
         if scheduler is None:
             scheduler = head.make_sampling_scheduler(num_inference_steps)
+        head.check_scheduler(scheduler)
         with preset.numerics(self.lm_head.weight.device):
-            state = self._start_image_generation(input_ids, attention_mask, height, width, guidance_scale, generator,
-                                                 image_latents, mask, reuses_guidance=preset.guidance_refresh > 1)
-            num_tokens = state.mask.shape[1]
+            state = self._start_image_generation(input_ids, inputs_embeds, attention_mask, height, width,
+                                                 guidance_scale, generator, image_latents, mask, noise,
+                                                 reuses_guidance=preset.guidance_refresh > 1)
+            (batch, num_tokens), channels = state.mask.shape, state.tokens.shape[-1]
             num_rounds = preset.num_rounds(num_iter, int(state.mask[0].sum()))
             for round_index in range(num_rounds):
                 if should_stop is not None and should_stop():
@@ -1129,15 +1184,16 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
                 # The tokens still masked after this round (cosine schedule), taken in each image's own order.
                 num_masked_next = num_masked_after_round(round_index, num_rounds, num_tokens, int(state.mask[0].sum()))
                 mask_next = torch.zeros_like(state.mask).scatter_(1, state.orders[:, :num_masked_next], 1.0)
-                to_predict = (state.mask - mask_next).bool()  # (b, h*w)
+                to_predict = (state.mask - mask_next).bool()  # (b, h*w), as many per image
                 if to_predict.any():
-                    # conditional rows, then unconditional
+                    # (rows, b, n, d_dec): conditional rows, then unconditional
                     conditions = self._round_conditions(state, to_predict, preset.refreshes_guidance(round_index))
                     round_guidance = guidance_scale_at(guidance_scale, guidance_schedule, num_masked_next, num_tokens)
                     steps = preset.diffusion_steps(round_index, num_rounds, num_inference_steps)
-                    sampled = head.sample(conditions, scheduler, round_guidance, temperature, generator,
-                                          num_inference_steps=steps)
-                    state.tokens[to_predict] = sampled[: int(to_predict.sum())].to(state.tokens.dtype)
+                    noise_now = None if state.noise is None else state.noise[to_predict].reshape(batch, -1, channels)
+                    sampled = self._sample_tokens(conditions, scheduler, round_guidance, temperature, generator,
+                                                  noise_now, steps)
+                    state.tokens[to_predict] = sampled.flatten(0, 1).to(state.tokens.dtype)
                 state.mask = mask_next
                 if callback is not None:
                     replaced = callback(round_index, num_masked_next, state.tokens)
@@ -1146,22 +1202,33 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
                 return state.latents
             return self.decode_latents(state.latents).float()
 
-    def _start_image_generation(self, input_ids, attention_mask, height, width, guidance_scale, generator,
-                                image_latents, mask, reuses_guidance: bool) -> HarmonGenerationState:
+    def _start_image_generation(self, input_ids, inputs_embeds, attention_mask, height, width, guidance_scale,
+                                generator, image_latents, mask, noise, reuses_guidance: bool) -> HarmonGenerationState:
         """Cache the prompts (and the conditional ones alone, to reuse guidance), set the tokens to keep (inpainting),
         and draw the generation orders."""
         stride = self.config.vae_stride
-        num_prompts = input_ids.shape[0]
+        prompts = input_ids if input_ids is not None else inputs_embeds
+        num_prompts = prompts.shape[0]
         if guidance_scale != 1.0 and num_prompts % 2:
             raise ValueError(f"guidance needs conditional and unconditional prompts in equal numbers, got {num_prompts}")
         batch = num_prompts // 2 if guidance_scale != 1.0 else num_prompts
         grid_size = (height // stride, width // stride)
         num_tokens = grid_size[0] * grid_size[1]
+        channels = self.config.token_channels
         device = self.lm_head.weight.device
+        if attention_mask is None:
+            attention_mask = torch.ones(prompts.shape[:2], dtype=torch.long)
         attention_mask = attention_mask.to(device)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} images: give one per image")
+        if noise is not None:
+            if tuple(noise.shape) != (batch, *grid_size, channels):
+                raise ValueError(f"noise must have shape ({batch}, {grid_size[0]}, {grid_size[1]}, {channels}) for "
+                                 f"the requested size, got {tuple(noise.shape)}")
+            noise = noise.reshape(batch, num_tokens, channels).to(device=device, dtype=torch.float32)
 
         if image_latents is None:
-            tokens = torch.zeros(batch, num_tokens, self.config.token_channels, device=device)
+            tokens = torch.zeros(batch, num_tokens, channels, device=device)
             mask = torch.ones(batch, num_tokens, device=device)
         else:
             if tuple(image_latents.shape[:3]) != (batch, *grid_size) or mask is None:
@@ -1175,25 +1242,34 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
             tokens = image_latents.reshape(batch, num_tokens, -1).to(device=device, dtype=torch.float32)
             tokens = tokens * (1 - mask[..., None])
         # Masked positions come first in every random order, so only they are generated.
-        scores = torch.rand(batch, num_tokens, generator=generator).to(device)
-        orders = torch.argsort(scores - 2.0 * mask, dim=1)
-        input_ids = input_ids.to(device)
+        if isinstance(generator, list):
+            scores = torch.cat([torch.rand(1, num_tokens, generator=one) for one in generator])
+        else:
+            scores = torch.rand(batch, num_tokens, generator=generator)
+        orders = torch.argsort(scores.to(device) - 2.0 * mask, dim=1)
+        input_ids = None if input_ids is None else input_ids.to(device)
+        inputs_embeds = None if inputs_embeds is None else inputs_embeds.to(device, self.lm_head.weight.dtype)
         conditional_prompt_cache = None
         if reuses_guidance and guidance_scale != 1.0:
-            conditional_prompt_cache = self.model.prefill_prompt(input_ids[:batch], attention_mask[:batch])
+            conditional_prompt_cache = self.model.prefill_prompt(
+                None if input_ids is None else input_ids[:batch], attention_mask[:batch],
+                None if inputs_embeds is None else inputs_embeds[:batch],
+            )
         return HarmonGenerationState(
-            prompt_cache=self.model.prefill_prompt(input_ids, attention_mask),
+            prompt_cache=self.model.prefill_prompt(input_ids, attention_mask, inputs_embeds),
             prompt_attention_mask=attention_mask,
             grid_size=grid_size,
             tokens=tokens,
             mask=mask,
             orders=orders,
+            noise=noise,
             conditional_prompt_cache=conditional_prompt_cache,
         )
 
     def _round_conditions(self, state: HarmonGenerationState, to_predict: torch.Tensor,
                           refresh_guidance: bool) -> torch.Tensor:
-        """The decoder's conditions for the tokens `to_predict` (b, h*w) of every prompt row: (rows * n, d_dec).
+        """The decoder's conditions for the tokens `to_predict` (b, h*w, n per image) of every prompt row:
+        (rows, b, n, d_dec).
 
         With guidance reuse, a round that does not `refresh_guidance` runs the conditional prompts alone and takes
         the unconditional conditions as conditional minus the difference kept from the last refreshed round.
@@ -1213,7 +1289,23 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
                 conditions = torch.stack([conditions[0], conditions[0] - state.guidance_difference])
             else:
                 state.guidance_difference = conditions[0] - conditions[1]
-        return conditions[:, to_predict].flatten(0, 1)
+        return conditions[:, to_predict].reshape(conditions.shape[0], batch, -1, conditions.shape[-1])
+
+    def _sample_tokens(self, conditions, scheduler, guidance_scale, temperature, generator, noise,
+                       num_inference_steps) -> torch.Tensor:
+        """One round's tokens (b, n, c) under `conditions` (rows, b, n, d_dec), from `noise` (b, n, c) if given:
+        all images at once, or one image at a time with its own generator (a list)."""
+        head = self.model.diffusion_head
+        rows, batch, num_new, _ = conditions.shape
+        if not isinstance(generator, list):
+            sampled = head.sample(conditions.flatten(0, 2), scheduler, guidance_scale, temperature, generator,
+                                  None if noise is None else noise.flatten(0, 1), num_inference_steps)
+            return sampled[: batch * num_new].reshape(batch, num_new, -1)
+        return torch.stack([
+            head.sample(conditions[:, image].flatten(0, 1), scheduler, guidance_scale, temperature, generator[image],
+                        None if noise is None else noise[image], num_inference_steps)[:num_new]
+            for image in range(batch)
+        ])
 
 
 __all__ = [

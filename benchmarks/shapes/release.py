@@ -1,5 +1,5 @@
 """Ship a Harmon-Shapes run: copy its final model into the package as the bundled model, with a model card made
-from the run's own evaluation files.   python -m harmon_hf.shapes.release RUN_FOLDER [--force]
+from the run's own evaluation files.   python benchmarks/shapes/release.py RUN_FOLDER [--force]
 
 A run whose final model is below the targets (ShapesEval generation and understanding overall >= 0.90, on at least
 200 samples) is refused unless forced.
@@ -10,10 +10,10 @@ import json
 import shutil
 from pathlib import Path
 
-from ..bundled_model import BUNDLED_MODEL
-from .build import SHAPES_TEXT_CONFIG
-from .cases import GENERATION_CATEGORIES
-from .world import CELLS, DEFAULT_REGION, HELD_OUT, IMAGE_SIZE, QUESTION_TYPES
+from harmon_hf.bundled_model import BUNDLED_MODEL
+from harmon_hf.shapes.build import SHAPES_TEXT_CONFIG
+from harmon_hf.shapes.cases import GENERATION_CATEGORIES
+from harmon_hf.shapes.world import CELLS, DEFAULT_REGION, HELD_OUT, IMAGE_SIZE, QUESTION_TYPES
 
 
 MAX_BUNDLED_BYTES = 25 * 2**20

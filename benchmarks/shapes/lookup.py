@@ -9,7 +9,7 @@ a sentence (`tokens`: "A <red_square> and a <blue_circle>.") or as the image giv
 image encoder that mixes its tokens would. It prints, every `log_every` steps, the share of held-out answers whose
 first token is right: 0.5 is picking one of the two objects at random.
 
-    python -m harmon_hf.shapes.lookup MODEL_FOLDER [--objects words|tokens|cells] [--mixing 0.0]
+    python benchmarks/shapes/lookup.py MODEL_FOLDER [--objects words|tokens|cells] [--mixing 0.0]
         [--attention-heads N] [--key-value-heads N] [--steps 400] [--learning-rate 1e-3] [--seed 0]
 
 MODEL_FOLDER gives the tokenizer and the chat template (a Harmon-Shapes folder, e.g. `harmon shapes init`'s).
@@ -22,9 +22,9 @@ import time
 import torch
 from transformers import AutoProcessor, Qwen2Config, Qwen2ForCausalLM
 
-from ..training.data import HarmonDataCollator, chat_ids
-from .build import SHAPES_TEXT_CONFIG
-from .world import OBJECT_TOKENS, SCENE_OPENINGS, Scene, colour_question, sample_scene, shape_question
+from harmon_hf.shapes.build import SHAPES_TEXT_CONFIG
+from harmon_hf.shapes.world import OBJECT_TOKENS, SCENE_OPENINGS, Scene, colour_question, sample_scene, shape_question
+from harmon_hf.training.data import HarmonDataCollator, chat_ids
 
 
 QUESTIONS_PER_CONVERSATION = 4
@@ -125,7 +125,7 @@ def train_lookup(processor, objects: str = "words", mixing: float = 0.0, attenti
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m harmon_hf.shapes.lookup", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/shapes/lookup.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a Harmon-Shapes model folder (its tokenizer and chat template)")
     parser.add_argument("--objects", choices=list(OBJECT_FORMS), default="words",
                         help="how the objects are given: in words, one token each in a sentence, or one token per cell")

@@ -24,7 +24,7 @@ names, and how much on the other object's.
 lie, next to how far an object lies from an empty cell. Colours close together there are the ones a diffusion head
 most easily draws in place of each other.
 
-    python -m harmon_hf.shapes.diagnose MODEL [--count 32] [--recall-count 200] [--answer-count 300]
+    python benchmarks/shapes/diagnose.py MODEL [--count 32] [--recall-count 200] [--answer-count 300]
 """
 
 import argparse
@@ -33,13 +33,15 @@ import random
 
 import torch
 
-from ..answering import image_question
-from .cases import understanding_cases
-from .evaluate import answer_questions
-from .vae import render_pixels
-from .world import (CELLS, KINDS, PALETTE, QUESTION_TYPES, SCENE_OPENINGS, SHAPES, SIZES, Scene, ShapeObject,
-                    caption, cell_centre, cell_index, colour_question, describe, render, sample_split_scene,
-                    shape_question)
+from harmon_hf import HarmonProcessor
+from harmon_hf.answering import image_question
+from harmon_hf.modeling import HarmonForConditionalGeneration
+from harmon_hf.shapes.cases import understanding_cases
+from harmon_hf.shapes.evaluate import answer_questions
+from harmon_hf.shapes.vae import render_pixels
+from harmon_hf.shapes.world import (CELLS, KINDS, PALETTE, QUESTION_TYPES, SCENE_OPENINGS, SHAPES, SIZES, Scene,
+                                    ShapeObject, caption, cell_centre, cell_index, colour_question, describe, render,
+                                    sample_split_scene, shape_question)
 
 
 # What one cell of a single-object scene holds: nothing, or an object of one colour, shape and size.
@@ -293,7 +295,7 @@ def object_token_mixing(model, count: int = 600, seed: int = 0) -> float:
     its own object's colour and shape, a part set by the other object's, and a constant, over the objects of `count`
     two-object training scenes; the other part's size (root mean square over the objects) over the own part's.
     0 is a token of its own object alone; 1 one that holds both alike, so that no attention can pick out the object a
-    question names by matching what it names (`python -m harmon_hf.shapes.lookup MODEL --one-token --mixing M`
+    question names by matching what it names (`python benchmarks/shapes/lookup.py MODEL --objects tokens --mixing M`
     measures how mixing slows an LLM's learning to)."""
     tokens, objects, others = two_object_tokens(model, count, seed, "object-token-mixing")
     own, other = attribute_one_hots(objects), attribute_one_hots(others)
@@ -414,10 +416,7 @@ def print_colour_table(table: dict[str, dict[str, float]], number_format: str):
 
 
 def main(argv=None):
-    from .. import HarmonProcessor
-    from ..modeling import HarmonForConditionalGeneration
-
-    parser = argparse.ArgumentParser(prog="python -m harmon_hf.shapes.diagnose", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/shapes/diagnose.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a Harmon-Shapes model folder")
     parser.add_argument("--count", type=int, default=32, help="prompts to swap (default 32)")
     parser.add_argument("--recall-count", type=int, default=200,
