@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -16,6 +17,12 @@ DPM_SOLVER_STEPS = 20  # diffusion-head steps of `harmon eval --scheduler dpm-so
 # DPM-Solver++ on the cosine schedule starts where alpha is ~5e-5 and its x_0 estimate explodes; diffusers' remedy
 # is to start from the step where lambda = log(alpha / sigma) reaches this value (its documented value for cosine).
 DPM_SOLVER_LAMBDA_MIN = -5.1
+
+
+# With torchao installed (the `quantization` extra), importing torch's and diffusers' integrations logs warnings that
+# concern none of the command's work: CUDA kernels a CPU build cannot load, a deprecation inside torch, diffusers'
+# torchao tensor types. The command's own rule is one line per error, so they are kept to errors.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
 
 
 class CommandError(Exception):
@@ -480,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         args.run(args)
     except (CommandError, ValueError) as error:
