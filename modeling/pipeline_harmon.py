@@ -19,6 +19,7 @@ import diffusers
 from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
+from huggingface_hub import create_repo, upload_folder
 from transformers import AutoModel, AutoProcessor
 from transformers.utils import cached_file
 
@@ -31,6 +32,8 @@ COMPONENT_FOLDERS = ("model", "processor", "scheduler")
 COMPONENT_MODULES = {"model": "modeling_harmon", "processor": "processing_harmon", "scheduler": "scheduling_harmon"}
 # Arguments of `from_pretrained` that say which revision of which repository, from where: every part honours them.
 HUB_ARGUMENTS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies")
+# What `save_pretrained(..., push_to_hub=True)` takes, as diffusers' pipelines do.
+UPLOAD_ARGUMENTS = ("repo_id", "token", "private", "commit_message", "create_pr")
 
 
 def _one_call_at_a_time(call):
@@ -88,19 +91,20 @@ class HarmonPipeline(DiffusionPipeline):
         model_folder, processor_folder = ("model", "processor") if is_pipeline_folder else ("", "")
         model = AutoModel.from_pretrained(source, subfolder=model_folder, dtype=dtype,
                                           trust_remote_code=trust_remote_code, **hub, **kwargs)
-        # The model's config: a pipeline folder's processor/ has none of its own for the tokenizer to read.
-        processor = AutoProcessor.from_pretrained(source, subfolder=processor_folder, config=model.config,
+        processor = AutoProcessor.from_pretrained(source, subfolder=processor_folder,
                                                   trust_remote_code=trust_remote_code, **hub)
         scheduler = None
         if _has_file(source, "scheduler/scheduler_config.json", hub):
             scheduler = _load_scheduler(source, model, hub)
         return cls(model=model.eval(), processor=processor, scheduler=scheduler)
 
-    def save_pretrained(self, save_directory, **kwargs):
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """A pipeline folder in diffusers' layout: `model/`, `processor/` and `scheduler/`, each with its code, and
         `model_index.json` naming this file as its pipeline, so that it loads with `HarmonPipeline.from_pretrained`,
-        with `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` where harmon_hf is not installed,
-        and its model with `AutoModel.from_pretrained(folder, subfolder="model", trust_remote_code=True)`."""
+        and with `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` where harmon_hf is not
+        installed; `model/` is a model folder like any other. `push_to_hub` (with diffusers' `repo_id`, `token`,
+        `private`, `commit_message`, `create_pr`) uploads the folder once it is complete."""
+        upload = {name: kwargs.pop(name) for name in UPLOAD_ARGUMENTS if name in kwargs}
         super().save_pretrained(save_directory, **kwargs)
         save_directory = Path(save_directory)
         shutil.copyfile(sys.modules[type(self).__module__].__file__, save_directory / f"{Path(__file__).stem}.py")
@@ -113,6 +117,11 @@ class HarmonPipeline(DiffusionPipeline):
                 shutil.copyfile(code, save_directory / name / code.name)
                 index[name] = [code.stem, type(component).__name__]
         (save_directory / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        if push_to_hub:
+            repo_id = create_repo(upload.get("repo_id", save_directory.name), exist_ok=True,
+                                  private=upload.get("private"), token=upload.get("token")).repo_id
+            upload_folder(repo_id=repo_id, folder_path=save_directory, token=upload.get("token"),
+                          commit_message=upload.get("commit_message"), create_pr=upload.get("create_pr", False))
 
     @property
     def interrupt(self) -> bool:

@@ -7,6 +7,7 @@ import sys
 import textwrap
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -442,3 +443,22 @@ def test_diffusers_callback_objects_see_the_latents(pipe):
     record = RecordLatents()
     pipe("a red circle", callback_on_step_end=record, **FAST)
     assert record.shapes == [(1, 4, 4, 16)] * 4
+
+
+def test_push_to_hub_uploads_the_finished_pipeline_folder(pipe, tmp_path, monkeypatch):
+    """The upload happens after model_index.json names the code files: what reaches the Hub loads with diffusers."""
+    from types import SimpleNamespace
+
+    import harmon_hf.modeling.pipeline_harmon as pipeline_module
+
+    uploads = []
+    monkeypatch.setattr(pipeline_module, "create_repo",
+                        lambda repo_id, **options: SimpleNamespace(repo_id=f"someone/{repo_id}"))
+    monkeypatch.setattr(pipeline_module, "upload_folder", lambda **options: uploads.append(
+        (options["repo_id"], json.loads((Path(options["folder_path"]) / "model_index.json").read_text()),
+         sorted(path.name for path in Path(options["folder_path"]).rglob("*.py")))))
+    pipe.save_pretrained(tmp_path / "harmon-tiny", push_to_hub=True)
+    assert len(uploads) == 1
+    repo_id, index, code = uploads[0]
+    assert repo_id == "someone/harmon-tiny" and index["_class_name"] == ["pipeline_harmon", "HarmonPipeline"]
+    assert {"pipeline_harmon.py", "modeling_harmon.py", "processing_harmon.py", "scheduling_harmon.py"} <= set(code)
