@@ -113,3 +113,40 @@ def test_the_understanding_forward_compiles_without_a_graph_break(tiny_model, go
     explanation = torch._dynamo.explain(tiny_model)(**_understanding_inputs(golden))
     assert explanation.graph_break_count == 0, [str(reason.reason) for reason in explanation.break_reasons]
     assert explanation.graph_count == 1
+
+
+@torch.no_grad()
+def test_image_features_follow_transformers_output_api(tiny_model, golden):
+    """As LLaVA's in transformers 5: `pooler_output` holds what replaces the placeholders, `last_hidden_state` the
+    vision encoder's output; `return_dict=False` gives the tuple."""
+    pixel_values = golden["und.pixel_values"]
+    config = tiny_model.config
+    outputs = tiny_model.get_image_features(pixel_values)
+    tokens = (pixel_values.shape[-1] // config.vae_stride) ** 2 + config.buffer_size
+    assert outputs.pooler_output.shape == (len(pixel_values), tokens, config.text_config.hidden_size)
+    assert outputs.last_hidden_state.shape[:2] == (len(pixel_values), tokens)
+    last_hidden_state, pooler_output = tiny_model.get_image_features(pixel_values, return_dict=False)
+    assert torch.equal(pooler_output, outputs.pooler_output) and torch.equal(last_hidden_state, outputs.last_hidden_state)
+
+
+@torch.no_grad()
+def test_decoding_with_a_static_cache_traces_as_one_graph(tiny_model, golden):
+    """What `_can_compile_fullgraph` promises `generate`: with a static cache its decoding step compiles whole, and
+    static-cache decoding answers as the dynamic cache does."""
+    from transformers import StaticCache
+
+    assert tiny_model._can_compile_fullgraph
+    inputs = {key: golden[f"und.{key}"][:1] for key in ("input_ids", "attention_mask", "pixel_values")}
+    length = inputs["input_ids"].shape[1]
+    expected = tiny_model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    static = tiny_model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation="static",
+                                 disable_compile=True)
+    assert torch.equal(static, expected)
+    cache = StaticCache(config=tiny_model.config.text_config, max_cache_len=length + 4)
+    tiny_model(**inputs, cache=cache, use_cache=True)
+    step = dict(input_ids=expected[:, length : length + 1], cache=cache, use_cache=True,
+                attention_mask=torch.ones(1, length + 1, dtype=inputs["attention_mask"].dtype),
+                position_ids=torch.tensor([[length]]))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(tiny_model)(**step)
+    assert explanation.graph_break_count == 0, [str(reason.reason) for reason in explanation.break_reasons]

@@ -22,7 +22,7 @@ def test_vae_decode(tiny_model, golden):
 
 
 def test_visual_features(tiny_model, golden):
-    features = tiny_model.model.get_image_features(golden["und.pixel_values"])
+    features = tiny_model.model.get_image_features(golden["und.pixel_values"]).pooler_output
     assert_close(features, golden["und.z_enc"], name="und.z_enc")
 
 

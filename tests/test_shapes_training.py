@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from conftest import REPO, load_script, run_harmon
 from harmon_hf.shapes.world import CELLS, IMAGE_SIZE, cell_index
@@ -281,9 +282,9 @@ def test_object_token_probe_reads_attributes_from_each_objects_token(world_folde
         return tokens
 
     monkeypatch.setattr(diagnose, "render_pixels", lambda scenes, size: scenes)  # the "pixels" are the scenes
-    monkeypatch.setattr(model.model, "get_image_features", lambda scenes: features(scenes, attributes=True))
+    monkeypatch.setattr(model.model, "get_image_features", lambda scenes: BaseModelOutputWithPooling(pooler_output=features(scenes, attributes=True)))
     assert diagnose.object_token_probe(model, count=40) == {"colour": 1.0, "shape": 1.0}
-    monkeypatch.setattr(model.model, "get_image_features", lambda scenes: features(scenes, attributes=False))
+    monkeypatch.setattr(model.model, "get_image_features", lambda scenes: BaseModelOutputWithPooling(pooler_output=features(scenes, attributes=False)))
     blind = diagnose.object_token_probe(model, count=40)
     assert blind["colour"] < 0.5 and blind["shape"] < 0.7
 
@@ -311,7 +312,7 @@ def test_object_token_mixing_measures_how_much_of_a_token_is_the_other_object(wo
 
     monkeypatch.setattr(diagnose, "render_pixels", lambda scenes, size: scenes)  # the "pixels" are the scenes
     for mixing in (0.0, 0.5, 1.0):
-        monkeypatch.setattr(model.model, "get_image_features", lambda scenes: features(scenes, mixing))
+        monkeypatch.setattr(model.model, "get_image_features", lambda scenes: BaseModelOutputWithPooling(pooler_output=features(scenes, mixing)))
         assert diagnose.object_token_mixing(model, count=200) == pytest.approx(mixing, abs=1e-4)
 
 

@@ -264,7 +264,7 @@ def two_object_tokens(model, count: int, seed: int, name: str) -> tuple[torch.Te
         scene = sample_split_scene(rng, "train")
         if len(scene.objects) == 2 and scene.kind != "count":
             scenes.append(scene)
-    features = model.model.get_image_features(render_pixels(scenes, model.config.image_size))  # (n, tokens, d)
+    features = model.model.get_image_features(render_pixels(scenes, model.config.image_size)).pooler_output  # (n, tokens, d)
     tokens = torch.stack([features[i, cell_index(obj)] for i, scene in enumerate(scenes) for obj in scene.objects])
     objects = [obj for scene in scenes for obj in scene.objects]
     others = [obj for scene in scenes for obj in reversed(scene.objects)]

@@ -23,7 +23,8 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
+from transformers.modeling_outputs import (BaseModelOutputWithPast, BaseModelOutputWithPooling,
+                                           CausalLMOutputWithPast, ModelOutput)
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
@@ -627,6 +628,7 @@ class HarmonPreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules = ["vae", "model.vae"]
     _supports_sdpa = True
     _supports_flash_attn = True
+    _can_compile_fullgraph = True  # generate's decoding steps with a static cache trace as one graph
 
     def _initialize_weights(self, module, is_custom_code: bool = False):
         # transformers skips modules without parameters of their own in remote code, in case their init writes
@@ -766,13 +768,16 @@ class HarmonModel(HarmonPreTrainedModel):
         buffer_size = self.config.buffer_size
         return encoded, torch.cat([projected[:, buffer_size:], projected[:, :buffer_size]], dim=1)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (b, 3, H, W) -> features (b, (H/16)*(W/16) + buffer_size, d_llm) for the placeholders."""
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """pixel_values (b, 3, H, W) -> `pooler_output`: the features (b, (H/16)*(W/16) + buffer_size, d_llm) that
+        take the placeholders' place; `last_hidden_state`: the MAR encoder's output they are projected from
+        (b, buffer_size + (H/16)*(W/16), d_enc)."""
         latents = self.encode_images(pixel_values)
         batch, height, width, channels = latents.shape
         tokens = latents.reshape(batch, height * width, channels)
-        _, features = self.encode_visible_tokens(tokens, None, (height, width))
-        return features
+        encoded, features = self.encode_visible_tokens(tokens, None, (height, width))
+        return BaseModelOutputWithPooling(last_hidden_state=encoded, pooler_output=features)
 
     def get_placeholder_mask(self, input_ids, inputs_embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """(b, L, 1), True at the image placeholders: the `image_token_id`s of `input_ids`, or, given embeddings
@@ -806,12 +811,14 @@ class HarmonModel(HarmonPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
-        sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        self.check_positions((cache.get_seq_length() if cache is not None else 0) + sequence_length, "the sequence")
+        if not torch.compiler.is_compiling():  # a static cache's length is data: checked eagerly only
+            sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            self.check_positions((cache.get_seq_length() if cache is not None else 0) + sequence_length,
+                                 "the sequence")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is not None:
-            features = self.get_image_features(pixel_values)  # (b, n, d_llm)
+            features = self.get_image_features(pixel_values).pooler_output  # (b, n, d_llm)
             placeholders = self.get_placeholder_mask(input_ids, inputs_embeds, features)
             features = scale_gradient(features, self.config.visual_gradient_scale).to(inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(placeholders, features)
@@ -1003,6 +1010,9 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.encode_images(pixel_values)
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, **kwargs)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self.model.decode_latents(latents)
