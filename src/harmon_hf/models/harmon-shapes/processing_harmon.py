@@ -3,6 +3,7 @@
 import numbers
 import re
 
+from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import make_flat_list_of_images
 from transformers.processing_utils import ProcessorMixin
@@ -59,13 +60,17 @@ class HarmonProcessor(ProcessorMixin):
             raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token: add it as a special token first")
 
     @classmethod
-    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        """The image processor is the class beside this one rather than whatever `AutoImageProcessor` resolves: a
-        processor loaded as trusted code (a diffusers pipeline's component, which gets no `trust_remote_code` to
-        pass on) then loads its image processor without asking again. The tokenizer loads as transformers loads it."""
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """The processor of a folder or Hub repository. Its image processor is the class beside this one, loaded by
+        class rather than through `AutoImageProcessor`: a processor loaded as trusted code (a diffusers pipeline's
+        component, which is given no `trust_remote_code` to pass on) then does not ask again for its own folder's
+        image processor. Keyword arguments (`subfolder`, `revision`, `token`, ...) reach every part."""
+        processor_config, _ = cls.get_processor_dict(pretrained_model_name_or_path, **kwargs)
         image_processor = HarmonImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, **kwargs)
-        return [image_processor, tokenizer]
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return cls(image_processor=image_processor, tokenizer=tokenizer,
+                   num_buffer_tokens=processor_config.get("num_buffer_tokens", 64),
+                   chat_template=processor_config.get("chat_template"))
 
     @property
     def end_token_ids(self) -> list[int]:
