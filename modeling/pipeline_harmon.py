@@ -107,9 +107,10 @@ class HarmonPipeline(DiffusionPipeline):
         upload = {name: kwargs.pop(name) for name in UPLOAD_ARGUMENTS if name in kwargs}
         super().save_pretrained(save_directory, **kwargs)
         save_directory = Path(save_directory)
-        shutil.copyfile(sys.modules[type(self).__module__].__file__, save_directory / f"{Path(__file__).stem}.py")
+        pipeline_code = Path(__file__)
+        shutil.copyfile(pipeline_code, save_directory / pipeline_code.name)
         index = json.loads((save_directory / "model_index.json").read_text())
-        index["_class_name"] = [Path(__file__).stem, type(self).__name__]
+        index["_class_name"] = [pipeline_code.stem, type(self).__name__]
         for name in COMPONENT_FOLDERS:
             component = getattr(self, name)
             code = Path(sys.modules[type(component).__module__].__file__)

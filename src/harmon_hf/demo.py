@@ -22,8 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .answering import answer, image_question
 from .loading import load_pipeline
-from .modeling import SAMPLING_PRESETS
-from .modeling import HarmonPipeline
+from .modeling import SAMPLING_PRESETS, HarmonPipeline
 
 
 # Limits that keep one request from holding the model for long while others wait.

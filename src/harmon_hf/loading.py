@@ -7,6 +7,8 @@ from . import bundled_model
 
 
 MODEL_ENVIRONMENT_VARIABLE = "HARMON_MODEL"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def choose_model(name: str | None) -> str:
@@ -19,10 +21,6 @@ def choose_model(name: str | None) -> str:
     if bundled is None:
         raise ValueError(f"no model given: pass --model PATH_OR_HUB_ID or set {MODEL_ENVIRONMENT_VARIABLE}")
     return str(bundled)
-
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def choose_device(name: str = "auto"):
