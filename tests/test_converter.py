@@ -3,10 +3,13 @@ checkpoint that does not fit is refused with a clear error before anything is wr
 
 import errno
 import json
+import pickle
 import re
 import subprocess
 import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -389,3 +392,92 @@ def test_large_conversions_are_sharded(tmp_path):
     assert len(shards) >= 3 and (tmp_path / "model.safetensors.index.json").is_file()
     reloaded = HarmonForConditionalGeneration.from_pretrained(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
+
+
+# -- checkpoints that training writes -----------------------------------------------------------------------------
+
+
+class HistoryBuffer:
+    """Stands for mmengine's logged-scalar buffer, which its checkpoints pickle beside the weights (with numpy)."""
+
+    def __init__(self, values):
+        self._log_history = np.asarray(values)
+        self._count_history = np.ones(len(values))
+
+
+def _mmengine_checkpoint(path, monkeypatch, state_dict: dict, wrapped: bool):
+    """An `iter_N.pth` as mmengine/xtuner's CheckpointHook writes it: the weights under "state_dict" beside the run's
+    bookkeeping, or (as RecA's scripts re-save it) the weights alone."""
+    for name in ("mmengine", "mmengine.logging", "mmengine.logging.history_buffer"):  # where pickle looks it up
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules["mmengine.logging.history_buffer"].HistoryBuffer = HistoryBuffer
+    monkeypatch.setattr(HistoryBuffer, "__module__", "mmengine.logging.history_buffer")
+    content = state_dict
+    if wrapped:
+        content = {"meta": {"iter": 5000, "mmengine_version": "0.10.7", "seed": np.int64(42)},
+                   "state_dict": state_dict,
+                   "message_hub": {"log_scalars": {"train/loss": HistoryBuffer([0.5, 0.4])}, "runtime_info": {}},
+                   "optimizer": {"state": {}, "param_groups": [{"lr": 1e-5}]}}
+    torch.save(content, path)
+    return path
+
+
+def _logits(model) -> torch.Tensor:
+    input_ids = torch.arange(3, 40).reshape(1, -1)
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["state_dict-wrapper", "bare"])
+def test_mmengine_checkpoints_convert_to_the_release_conversion(tmp_path, monkeypatch, wrapped):
+    release = torch.load(GOLDEN / "harmon_tiny.pth", weights_only=True)
+    assert not any(name.startswith("vae.") for name in release)  # the VAE comes from --vae, as with the release
+    path = _mmengine_checkpoint(tmp_path / "iter_5000.pth", monkeypatch, release, wrapped)
+    if wrapped:
+        assert any(name.startswith("mmengine.") for name in torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        with pytest.raises(pickle.UnpicklingError):  # what weights_only alone says of such a file
+            torch.load(path, weights_only=True)
+    expected = convert(GOLDEN / "harmon_tiny.pth", GOLDEN / "kl_tiny.ckpt", GOLDEN / "config.json")
+    actual = convert(path, GOLDEN / "kl_tiny.ckpt", GOLDEN / "config.json")
+    torch.testing.assert_close(_logits(actual), _logits(expected), rtol=0, atol=0)
+    assert all(torch.equal(tensor, actual.state_dict()[name]) for name, tensor in expected.state_dict().items())
+
+
+def test_a_checkpoint_carrying_the_frozen_vae_converts_with_the_vae_file(tmp_path):
+    release = torch.load(GOLDEN / "harmon_tiny.pth", weights_only=True)
+    vae = torch.load(GOLDEN / "kl_tiny.ckpt", weights_only=True)["model"]
+    torch.save({**release, **{f"vae.{name}": tensor for name, tensor in vae.items()}}, tmp_path / "with_vae.pth")
+    expected = convert(GOLDEN / "harmon_tiny.pth", GOLDEN / "kl_tiny.ckpt", GOLDEN / "config.json")
+    actual = convert(tmp_path / "with_vae.pth", GOLDEN / "kl_tiny.ckpt", GOLDEN / "config.json")
+    torch.testing.assert_close(_logits(actual), _logits(expected), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
+def test_consolidated_deepspeed_safetensors_convert(tmp_path, sharded):
+    """DeepSpeed's `zero_to_fp32 --safe_serialization` output: model.safetensors, or shards with their index."""
+    from huggingface_hub import save_torch_state_dict
+
+    release = torch.load(GOLDEN / "harmon_tiny.pth", weights_only=True)
+    (tmp_path / "consolidated").mkdir()
+    save_torch_state_dict(release, tmp_path / "consolidated", max_shard_size="20KB" if sharded else "10GB")
+    assert (tmp_path / "consolidated" / "model.safetensors.index.json").is_file() == sharded
+    expected = convert(GOLDEN / "harmon_tiny.pth", GOLDEN / "kl_tiny.ckpt", GOLDEN / "config.json")
+    actual = convert(tmp_path / "consolidated", GOLDEN / "kl_tiny.ckpt", GOLDEN / "config.json")
+    torch.testing.assert_close(_logits(actual), _logits(expected), rtol=0, atol=0)
+
+
+def test_a_deepspeed_folder_is_refused_with_the_consolidation_command(tmp_path):
+    folder = tmp_path / "work_dirs" / "iter_5000.pth"
+    folder.mkdir(parents=True)
+    torch.save({"module": {}}, folder / "mp_rank_00_model_states.pt")
+    result = run_harmon(*_convert_arguments(tmp_path, checkpoint=folder))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert (f"is a DeepSpeed checkpoint folder: consolidate it with DeepSpeed first, `python -m "
+            f"deepspeed.utils.zero_to_fp32 {folder.parent} OUT --tag iter_5000.pth --safe_serialization`") in result.stderr
+
+
+def test_unknown_objects_in_a_training_checkpoint_are_refused_by_name(tmp_path):
+    release = torch.load(GOLDEN / "harmon_tiny.pth", weights_only=True)
+    torch.save({"state_dict": release, "hook": _NotATensor()}, tmp_path / "iter_10.pth")
+    with pytest.raises(ValueError, match=r"iter_10\.pth holds objects other than tensors \(test_converter\._NotATensor\)"):
+        convert(tmp_path / "iter_10.pth", GOLDEN / "kl_tiny.ckpt", GOLDEN / "config.json")

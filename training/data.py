@@ -20,6 +20,7 @@ from datasets import Features, IterableDataset, List, Value, interleave_datasets
 from datasets.distributed import split_dataset_by_node
 from PIL import Image
 
+from ..modeling.processing_harmon import UNCONDITIONAL_PROMPT
 from .recipe import DataSource, Recipe
 
 
@@ -43,6 +44,19 @@ SAMPLE_FEATURES = Features({
     "skipped_before": List(Value("string")),
 })
 _BUILDER_BY_SUFFIX = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tar": "webdataset"}
+# Tasks trained by next-token prediction, whose batches carry labels; the others are diffusion losses on an image.
+LABELLED_TASKS = ("image_to_text", "text")
+# Requests of the reconstruction task, worded for this project after RecA's: each asks for the whole image in detail.
+RECONSTRUCTION_REQUESTS = (
+    "Describe every detail of this image.",
+    "Reproduce this image exactly: its objects, colours, shapes, sizes and positions.",
+    "List everything in the image, with where each thing is.",
+    "Give a complete visual description of this picture.",
+    "Capture every element of the image: what it is, its colour, its size and its place.",
+    "Walk through the whole scene, from top to bottom.",
+    "Note the style, colours, shapes, textures, text and layout of this image.",
+    "What does this image show, in full detail?",
+)
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -178,6 +192,20 @@ class SampleBuilder:
         input_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return {"task": "text_to_image", "input_ids": input_ids, "labels": [], "image": self._square(row, "generation")}
 
+    def reconstruction(self, row: dict, index: int) -> dict:
+        """RecA: the image in an understanding prompt that asks for it in detail; the model learns to draw that same
+        image from its own features (no caption needed). As in RecA, the request is drawn from a list, and replaced
+        by the unconditional request with the recipe's `unconditional_probability` (the image stays in the
+        prompt)."""
+        rng = random.Random(f"{self.recipe.seed}/{self.source_index}/{index}")
+        request = rng.choice(RECONSTRUCTION_REQUESTS)
+        if rng.random() < self.recipe.unconditional_probability:
+            request = UNCONDITIONAL_PROMPT
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": request}]}]
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        input_ids = self._expand_image(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return {"task": "reconstruction", "input_ids": input_ids, "labels": [], "image": self._square(row, "generation")}
+
     def image_to_text(self, row: dict, index: int) -> dict:
         if self.source.conversations_column:
             messages = self._conversation(row)
@@ -189,10 +217,9 @@ class SampleBuilder:
         input_ids, labels = self._chat_ids(messages)
         if input_ids.count(self.processor.image_token_id) != 1:
             raise BadSample("conversation without exactly one <image>")
-        placeholder_count = self.processor.num_image_tokens(self.recipe.image_size)
         position = input_ids.index(self.processor.image_token_id)
-        input_ids[position : position + 1] = [self.processor.image_token_id] * placeholder_count
-        labels[position : position + 1] = [-100] * placeholder_count
+        input_ids = self._expand_image(input_ids)
+        labels[position : position + 1] = [-100] * self.processor.num_image_tokens(self.recipe.image_size)
         return {"task": "image_to_text", "input_ids": input_ids, "labels": labels,
                 "image": self._square(row, "understanding")}
 
@@ -234,6 +261,12 @@ class SampleBuilder:
         if not any(m["role"] == "assistant" for m in messages):
             raise BadSample("conversation without an answer")
         return messages
+
+    def _expand_image(self, input_ids: list[int]) -> list[int]:
+        """The ids with their one `<image>` replaced by the placeholders of an image of the recipe's size."""
+        position = input_ids.index(self.processor.image_token_id)
+        placeholders = [self.processor.image_token_id] * self.processor.num_image_tokens(self.recipe.image_size)
+        return input_ids[:position] + placeholders + input_ids[position + 1 :]
 
     def _chat_ids(self, messages: list[dict]) -> tuple[list[int], list[int]]:
         input_ids, labels = chat_ids(self.processor, messages)
@@ -305,7 +338,8 @@ def build_training_stream(recipe: Recipe, processor, rank: int = 0, world_size: 
 
 
 class HarmonDataCollator:
-    """Groups a batch by task: {"text_to_image": {...}, "image_to_text": {...}, "text": {...}} (tasks present)."""
+    """Groups a batch by task: {"text_to_image": {...}, "reconstruction": {...}, "image_to_text": {...},
+    "text": {...}} (the tasks present)."""
 
     def __init__(self, pad_token_id: int, image_processor, image_size: int):
         self.pad_token_id = pad_token_id
@@ -333,7 +367,7 @@ class HarmonDataCollator:
             if item["labels"]:
                 labels[row, :count] = torch.tensor(item["labels"])
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if task != "text_to_image":
+        if task in LABELLED_TASKS:
             batch["labels"] = labels
         if items[0]["image"]:
             side = self.image_size

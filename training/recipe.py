@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 
-TASKS = ("text_to_image", "image_to_text", "text")
+TASKS = ("text_to_image", "reconstruction", "image_to_text", "text")
 FORMATS = ("auto", "parquet", "json", "csv", "imagefolder", "webdataset", "harmon_release", "hub", "shapes")
 # The modules of HarmonModel a recipe can train, freeze or give a learning rate. The LM head is tied to the
 # embeddings of the language model, and the VAE is always frozen.
@@ -35,11 +35,11 @@ class DataSource:
     """One stream of training samples for one task, drawn with probability `ratio` in the mix."""
 
     path: str  # Hub dataset id, a file, a glob, or a folder; with format "shapes": the split, train or heldout
-    task: str  # text_to_image | image_to_text | text
+    task: str  # text_to_image | reconstruction | image_to_text | text
     ratio: float
     format: str = "auto"
     split: str = "train"
-    image_column: str = "image"
+    image_column: str = "image"  # text_to_image, reconstruction and image_to_text
     text_column: str = "text"  # caption for images, or plain text for the text task
     conversations_column: str | None = None  # LLaVA-style conversations / chat messages, instead of text_column
     image_folder: str | None = None  # base folder of relative image paths
@@ -71,7 +71,8 @@ class Recipe:
     image_size: int = 256
     loss_weights: dict[str, float] = field(default_factory=lambda: {task: 1.0 for task in TASKS})
     weight_decay: float = 0.02
-    unconditional_probability: float = 0.1  # captions replaced by "Generate an image." in text-to-image
+    # text_to_image: captions replaced by "Generate an image."; reconstruction: the request replaced by it
+    unconditional_probability: float = 0.1
     max_text_tokens: int = 512  # longer texts are skipped (and counted)
     seed: int = 0
     lora: LoraSettings | None = None

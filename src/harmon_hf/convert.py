@@ -1,5 +1,9 @@
 """Convert the released Harmon files (`harmon_*.pth` + `kl16.ckpt`) into a transformers model folder.
 
+The same path reads what Harmon's fine-tuning produces elsewhere: mmengine/xtuner `iter_N.pth` checkpoints (as the
+reference's own training and RecA's write them), DeepSpeed checkpoints once consolidated to safetensors, and
+safetensors files of the release's names.
+
 Every tensor of the release is mapped by an explicit renaming rule; a tensor no rule maps, a tensor the model lacks,
 a shape the configuration contradicts or (unless allowed) a NaN or inf stops the conversion before anything is written.
 """
@@ -34,6 +38,8 @@ HARMON_RULES = [
     (r"^llm\.model\.", "model.language_model."),
     (r"^llm\.lm_head\.", "lm_head."),
     (r"^mar\.class_emb\.weight$", None),  # MAR's ImageNet class embedding: Harmon always uses fake_latent
+    # Training checkpoints may carry the VAE; it is frozen in all of Harmon's training, so --vae holds the same weights.
+    (r"^vae\.", None),
     (r"^mar\.fake_latent$", "model.mar_encoder.buffer_embedding"),
     (r"^mar\.encoder_pos_embed_learned$", "model.mar_encoder.pos_embed"),
     (r"^mar\.z_proj\.", "model.mar_encoder.token_proj."),
@@ -237,23 +243,93 @@ def resolve_config(config: "str | Path | dict | HarmonConfig") -> HarmonConfig:
         raise ValueError(f"--config {path}: {error}") from error
 
 
+# Training checkpoints keep, beside the weights, the bookkeeping of the framework that wrote them: mmengine/xtuner's
+# `iter_N.pth` holds its logged scalars (mmengine HistoryBuffers of numpy arrays) and run metadata. While such a file is
+# read weights-only, the classes of these packages are stood in for by `_Inert`, so the file's weights load without
+# running any of its code; a class of any other package is refused by name.
+BOOKKEEPING_PACKAGES = ("mmengine", "xtuner", "numpy")
+# Where a training checkpoint keeps the model's tensors: mmengine under "state_dict", an LDM checkpoint under "model".
+STATE_DICT_KEYS = ("state_dict", "model")
+
+
+class _Inert:
+    """Stands in for a bookkeeping object while a checkpoint is read: built from anything, it keeps and runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _load_weights_only(path: "str | Path"):
+    """`torch.load(weights_only=True)`, with the classes of BOOKKEEPING_PACKAGES read as `_Inert`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    others = [name for name in names if name.split(".")[0] not in BOOKKEEPING_PACKAGES]
+    if others:
+        # torch's message advises weights_only=False, which would run whatever code the file holds: never an option.
+        raise ValueError(f"{path} holds objects other than tensors ({others[0]}), or is damaged; "
+                         "it is not loaded, for safety") from None
+    with torch.serialization.safe_globals([(_Inert, name) for name in names]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_safetensors_checkpoint(folder: Path) -> dict:
+    """The tensors of a folder of safetensors files (one `model.safetensors`, or shards with their index), as
+    DeepSpeed's `zero_to_fp32 --safe_serialization` writes a consolidated checkpoint."""
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+        "model.safetensors"]
+    tensors = {}
+    for name in files:
+        tensors.update(load_file(folder / name))
+    return tensors
+
+
+def check_checkpoint_path(path: Path):
+    """Refuse a checkpoint path that is neither a file nor a folder of safetensors, saying what to do with a DeepSpeed
+    checkpoint folder (its files are pickles of whole objects, which are never unpickled here)."""
+    if path.is_file():
+        return
+    if not path.is_dir():
+        raise ValueError(f"no such file: {path}")
+    if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        if list(path.glob("*model_states.pt")):
+            raise ValueError(
+                f"{path} is a DeepSpeed checkpoint folder: consolidate it with DeepSpeed first, "
+                f"`python -m deepspeed.utils.zero_to_fp32 {path.parent} OUT --tag {path.name} --safe_serialization`, "
+                "then give --checkpoint OUT")
+        raise ValueError(f"{path} is a folder without model.safetensors or model.safetensors.index.json")
+
+
 def load_release_file(path: "str | Path") -> dict:
-    """The tensors of a release file by name (an LDM checkpoint keeps them under "model"), loaded weights only.
+    """The tensors of a checkpoint by name, loaded weights only: a release file, a training checkpoint holding them
+    under one of STATE_DICT_KEYS (with its bookkeeping ignored), a `.safetensors` file, or a folder of them.
 
     Raises ValueError naming the file when it cannot be read, holds anything but tensors, or is not a state dict.
     """
+    path = Path(path)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        # torch's message advises weights_only=False, which would run whatever code the file holds: never an option.
-        found = re.search(r"GLOBAL (\S+)", str(error))
-        what = f" ({found[1]})" if found else ""
-        raise ValueError(f"{path} holds objects other than tensors{what}, or is damaged; "
-                         "it is not loaded, for safety") from None
+        if path.is_dir():
+            loaded = load_safetensors_checkpoint(path)
+        elif path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            loaded = load_file(path)
+        else:
+            loaded = _load_weights_only(path)
+    except ValueError:
+        raise
     except Exception as error:  # a damaged file surfaces as RuntimeError, EOFError, KeyError...: all are the file's
         raise ValueError(f"{path} is not a readable PyTorch checkpoint: {first_line(error)}") from error
-    if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
-        loaded = loaded["model"]
+    if isinstance(loaded, dict):
+        wrapper = next((key for key in STATE_DICT_KEYS if isinstance(loaded.get(key), dict)), None)
+        loaded = loaded[wrapper] if wrapper else loaded
     if not isinstance(loaded, dict):
         raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict (tensors by name)")
     others = [f"{name!r} ({type(value).__name__})" for name, value in loaded.items()
@@ -375,9 +451,9 @@ def convert(
     config = resolve_config(config)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    for path in (checkpoint, vae):
-        if not Path(path).is_file():
-            raise ValueError(f"no such file: {path}")
+    check_checkpoint_path(Path(checkpoint))
+    if not Path(vae).is_file():
+        raise ValueError(f"no such file: {vae}")
     if output is not None:
         output = Path(output)
         check_output_folder(output)

@@ -773,7 +773,10 @@ class HarmonModel(HarmonPreTrainedModel):
         """pixel_values (b, 3, H, W) -> `pooler_output`: the features (b, (H/16)*(W/16) + buffer_size, d_llm) that
         take the placeholders' place; `last_hidden_state`: the MAR encoder's output they are projected from
         (b, buffer_size + (H/16)*(W/16), d_enc)."""
-        latents = self.encode_images(pixel_values)
+        return self.latent_image_features(self.encode_images(pixel_values))
+
+    def latent_image_features(self, latents: torch.Tensor) -> BaseModelOutputWithPooling:
+        """`get_image_features` of images already encoded to latent tokens (b, h, w, c)."""
         batch, height, width, channels = latents.shape
         tokens = latents.reshape(batch, height * width, channels)
         encoded, features = self.encode_visible_tokens(tokens, None, (height, width))
@@ -795,6 +798,14 @@ class HarmonModel(HarmonPreTrainedModel):
                 "two must be equal"
             )
         return placeholders.unsqueeze(-1)
+
+    def place_image_features(self, input_ids, inputs_embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """inputs_embeds (b, L, d_llm) with the image placeholders replaced, in order, by `features` (b', n, d_llm),
+        whose gradient is scaled by `config.visual_gradient_scale` (the understanding features train the MAR encoder
+        gently, as in the reference)."""
+        placeholders = self.get_placeholder_mask(input_ids, inputs_embeds, features)
+        features = scale_gradient(features, self.config.visual_gradient_scale).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(placeholders, features)
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -819,9 +830,7 @@ class HarmonModel(HarmonPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is not None:
             features = self.get_image_features(pixel_values).pooler_output  # (b, n, d_llm)
-            placeholders = self.get_placeholder_mask(input_ids, inputs_embeds, features)
-            features = scale_gradient(features, self.config.visual_gradient_scale).to(inputs_embeds.dtype)
-            inputs_embeds = inputs_embeds.masked_scatter(placeholders, features)
+            inputs_embeds = self.place_image_features(input_ids, inputs_embeds, features)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -911,7 +920,7 @@ class HarmonModel(HarmonPreTrainedModel):
 
     def text_to_image_loss(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None,
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
@@ -919,12 +928,16 @@ class HarmonModel(HarmonPreTrainedModel):
         timesteps: torch.LongTensor | None = None,
         noise: torch.Tensor | None = None,
         return_conditions: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ):
         """MAR's diffusion loss on the masked tokens, conditioned on the prompt through the LLM in one pass.
 
-        Give `pixel_values` or pre-encoded `latents` (b, h, w, c); `mask` (b, h*w), `timesteps` and `noise` (for the
-        `diffusion_batch_mul`-times repeated tokens, repeat-major) are drawn at random unless given.
+        The prompt is `input_ids` (b, L) or its `inputs_embeds` (b, L, d_llm). Give `pixel_values` or pre-encoded
+        `latents` (b, h, w, c); `mask` (b, h*w), `timesteps` and `noise` (for the `diffusion_batch_mul`-times
+        repeated tokens, repeat-major) are drawn at random unless given.
         """
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
         if latents is None:
             latents = self.encode_images(pixel_values)
         batch, height, width, channels = latents.shape
@@ -938,7 +951,7 @@ class HarmonModel(HarmonPreTrainedModel):
             (height, width),
             prompt_cache=None,
             prompt_attention_mask=attention_mask,
-            prompt_inputs_embeds=self.get_input_embeddings()(input_ids),
+            prompt_inputs_embeds=inputs_embeds,
         )
         repeats = self.config.diffusion_batch_mul
         target = target.reshape(batch * num_tokens, channels).repeat(repeats, 1)
@@ -951,6 +964,21 @@ class HarmonModel(HarmonPreTrainedModel):
         per_token = self.diffusion_head.loss(target, conditions, timesteps, noise)["loss"]
         loss = (per_token * token_mask).sum() / token_mask.sum()
         return (loss, round_output.conditions) if return_conditions else loss
+
+    def reconstruction_loss(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                            **kwargs) -> torch.Tensor:
+        """RecA's reconstruction alignment (arXiv 2509.07295): the text-to-image loss of an image whose prompt holds,
+        at its placeholders, the model's own understanding features of that image instead of a caption.
+
+        input_ids (b, L) hold one image's placeholders each (`HarmonProcessor` prompts), pixel_values (b, 3, H, W)
+        are both what is understood and what is reconstructed. The image is encoded once: the target latents and the
+        understanding features (whole image, gradient scaled by `visual_gradient_scale`) come from the same latents.
+        Other keywords (`mask`, `timesteps`, `noise`) go to `text_to_image_loss`.
+        """
+        latents = self.encode_images(pixel_values)  # (b, h, w, c)
+        features = self.latent_image_features(latents).pooler_output  # (b, h*w + buffer_size, d_llm)
+        inputs_embeds = self.place_image_features(input_ids, self.get_input_embeddings()(input_ids), features)
+        return self.text_to_image_loss(None, attention_mask, latents=latents, inputs_embeds=inputs_embeds, **kwargs)
 
 
 class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
@@ -1041,7 +1069,8 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         the gradient reaching the visual features is scaled by `config.visual_gradient_scale`.
 
         Training on several tasks: `task_batches` maps "text_to_image" (prompts and target `pixel_values`),
-        "image_to_text" and "text" (inputs with `labels`) to their batches; the output's loss is the sum of the task
+        "reconstruction" (prompts holding an image's placeholders, and that image as `pixel_values`, see
+        `HarmonModel.reconstruction_loss`), "image_to_text" and "text" (inputs with `labels`) to their batches; the output's loss is the sum of the task
         losses weighted by `task_weights` (default 1). One forward per step, whatever the tasks, is what
         distributed wrappers (DDP, FSDP, DeepSpeed) need.
         """
@@ -1082,10 +1111,13 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
             if task == "text_to_image":
                 task_losses[task] = self.text_to_image_loss(batch["input_ids"], batch["attention_mask"],
                                                             pixel_values=batch["pixel_values"])
+            elif task == "reconstruction":
+                task_losses[task] = self.model.reconstruction_loss(batch["input_ids"], batch["attention_mask"],
+                                                                   batch["pixel_values"])
             elif task in ("image_to_text", "text"):
                 task_losses[task] = self(**batch).loss
             else:
-                raise ValueError(f"unknown task {task!r}: expected text_to_image, image_to_text or text")
+                raise ValueError(f"unknown task {task!r}: expected text_to_image, reconstruction, image_to_text or text")
         loss = sum(task_weights.get(task, 1.0) * value for task, value in task_losses.items())
         return HarmonTrainingOutput(loss=loss, task_losses=task_losses)
 
