@@ -53,9 +53,11 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     return found
 
 
-def test_nothing_in_the_package_imports_the_command_line():
+@pytest.mark.parametrize("entry_point", ["harmon_hf.cli", "harmon_hf.lmms_eval_harmon"])
+def test_nothing_in_the_package_imports_an_entry_point(entry_point):
     modules = _modules()
-    importers = [name for name, path in modules.items() if "harmon_hf.cli" in _imports(name, path, modules)]
+    assert entry_point in modules
+    importers = [name for name, path in modules.items() if entry_point in _imports(name, path, modules)]
     assert importers == []
 
 

@@ -77,9 +77,9 @@ def check_output(path: Path):
         raise CommandError(f"cannot write {path}: {blocker} is not a writable folder")
 
 
-def atomic_save(image, path: Path):
-    """Write the image under a temporary name of its own first, so that neither an interrupted run nor another
-    process writing the same file leaves a partial one."""
+def atomic_write(path: Path, write):
+    """Call `write(file)` on a temporary file of its own beside `path`, then rename it to `path`, so that neither an
+    interrupted run nor another process writing the same file leaves a partial one."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
@@ -87,12 +87,23 @@ def atomic_save(image, path: Path):
         raise CommandError(f"cannot write {path}: {error.strerror}") from error
     try:
         with os.fdopen(descriptor, "wb") as file:
-            image.save(file, format=image_format(path))
+            write(file)
         os.replace(temporary, path)
     except OSError as error:
         raise CommandError(f"cannot write {path}: {error.strerror or error}") from error
     finally:
         Path(temporary).unlink(missing_ok=True)
+
+
+def atomic_save(image, path: Path):
+    """Write the image atomically (`atomic_write`) in the format that the path's suffix names."""
+    save_format = image_format(path)
+    atomic_write(path, lambda file: image.save(file, format=save_format))
+
+
+def atomic_write_text(text: str, path: Path):
+    """Write UTF-8 text atomically (`atomic_write`)."""
+    atomic_write(path, lambda file: file.write(text.encode()))
 
 
 # -- generate -------------------------------------------------------------------------------------------------------
@@ -139,7 +150,9 @@ def _generate(args):
     if (args.prompt is None) == (args.prompts is None):
         raise CommandError("give either a PROMPT or --prompts FILE.jsonl")
     if args.prompts is not None:
-        return _generate_batch(args)
+        from .benchmarks import PROMPTS_FILE_LAYOUT
+
+        return generate_in_layout(args, PROMPTS_FILE_LAYOUT)
     kwargs = _generation_kwargs(args)
     for path in _output_paths(args.output, args.n):
         check_output(path)
@@ -150,61 +163,100 @@ def _generate(args):
         print(f"wrote {path} ({image.width}x{image.height})")
 
 
-def read_prompts(path: str) -> list[dict]:
-    if not Path(path).is_file():
-        raise CommandError(f"no such file: {path}")
-    entries = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise CommandError(f"{path}:{number}: not JSON ({error.msg})") from error
-        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
-            raise CommandError(f'{path}:{number}: each line must be an object with a "prompt" string')
-        entries.append(entry)
-    return entries
-
-
-def _generate_batch(args):
-    """GenEval's layout: OUTDIR/<index:05d>/metadata.jsonl and OUTDIR/<index:05d>/samples/<n:04d>.png.
+def generate_in_layout(args, layout, run_record: bool = False):
+    """Draw every prompt of the file `args.prompts` into the folder `args.outdir` in `layout` (a benchmark's
+    `BenchmarkLayout`), `args.n` samples per prompt.
 
     Prompt i uses seed `--seed + i`, so the images do not depend on how the prompts are split between processes
-    (`accelerate launch --multi_gpu --num_processes N -m harmon_hf.cli generate --prompts ...` shards them);
-    finished prompts are skipped.
+    (`accelerate launch --multi_gpu --num_processes N -m harmon_hf.cli ...` shards them by index); a prompt whose
+    images all exist is skipped, and every file is written atomically. With `run_record`, the main process writes
+    OUTDIR/run.json: the model, the sampling settings, the counts, the seconds per image of the images this run
+    generated (all processes), the machine and the library versions; images are counted as samples (a DPG-Bench
+    grid holds 4).
     """
+    import time
+
     import torch
     from accelerate import PartialState
+    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    entries = read_prompts(args.prompts)
+    prompts = layout.read_prompts(args.prompts)
     kwargs = _generation_kwargs(args)
+    layout.check_sampling(args.n, kwargs["height"], kwargs["width"])
     state = PartialState(cpu=not torch.cuda.is_available())  # without GPUs, processes still form a (gloo) group
     outdir = Path(args.outdir)
-    mine = [index for index in range(len(entries)) if index % state.num_processes == state.process_index]
-    todo = [index for index in mine if not all(path.is_file() for path in _sample_paths(outdir, index, args.n))]
-    if not todo:
-        print(f"all {len(mine)} prompts of this process are already done in {outdir}")
-        return
-    pipeline = _load(args)
-    pipeline.to(state.device)
-    pipeline.set_progress_bar_config(disable=True)
-    for index in tqdm(todo, desc=f"prompts (process {state.process_index})", disable=not state.is_local_main_process):
-        folder = outdir / f"{index:05d}"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "metadata.jsonl").write_text(json.dumps(entries[index]) + "\n")
-        except OSError as error:
-            raise CommandError(f"cannot write to {folder}: {error.strerror}") from error
-        images = pipeline(entries[index]["prompt"], generator=_generator(args.seed + index), **kwargs).images
-        for image, path in zip(images, _sample_paths(outdir, index, args.n)):
-            atomic_save(image, path)
+    mine = [index for index in range(len(prompts)) if index % state.num_processes == state.process_index]
+    todo = [index for index in mine
+            if not all(path.is_file() for path in layout.image_paths(outdir, prompts[index], args.n))]
+    seconds, settings = 0.0, None
+    if todo:
+        pipeline = _load(args)
+        pipeline.to(state.device)
+        pipeline.set_progress_bar_config(disable=True)
+        settings = _sampling_settings(pipeline, kwargs, args)
+        for index in tqdm(todo, desc=f"prompts (process {state.process_index})",
+                          disable=not state.is_local_main_process):
+            prompt = prompts[index]
+            metadata_path = layout.metadata_path(outdir, prompt)
+            if metadata_path is not None:
+                atomic_write_text(prompt.metadata + "\n", metadata_path)
+            start = time.perf_counter()
+            samples = pipeline(prompt.text, generator=_generator(args.seed + index), **kwargs).images
+            seconds += time.perf_counter() - start
+            for image, path in zip(layout.arrange(samples), layout.image_paths(outdir, prompt, args.n)):
+                atomic_save(image, path)
+    # Every process takes part in the gathering, those with nothing left to do too.
+    runs = gather_object([{"images": len(todo) * args.n, "seconds": seconds, "settings": settings}])
     state.wait_for_everyone()
+    if not state.is_main_process:
+        return
+    generated = sum(run["images"] for run in runs)
+    if generated == 0:
+        print(f"all {len(prompts)} prompts are already done in {outdir}")
+    elif run_record:
+        import transformers
+
+        from .benchmarks import machine_description
+        from .loading import choose_model
+
+        record = {
+            "benchmark": args.benchmark,
+            "prompts_file": str(args.prompts),
+            "model": choose_model(args.model),
+            "sampling": next(run["settings"] for run in runs if run["settings"] is not None),
+            "images_per_prompt": args.n,
+            "seed": args.seed,
+            "prompts": len(prompts),
+            "images": len(prompts) * args.n,
+            "generated_images": generated,
+            "processes": state.num_processes,
+            # one process's time per image: with N processes, N images are made in about this time
+            "seconds_per_image": sum(run["seconds"] for run in runs) / generated,
+            "machine": machine_description(state.device),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        }
+        atomic_write_text(json.dumps(record, indent=2) + "\n", outdir / "run.json")
 
 
-def _sample_paths(outdir: Path, index: int, count: int) -> list[Path]:
-    return [outdir / f"{index:05d}" / "samples" / f"{sample:04d}.png" for sample in range(count)]
+def _sampling_settings(pipeline, kwargs: dict, args) -> dict:
+    """The sampling settings a generation used, the model's defaults filled in where the arguments gave none."""
+    import dataclasses
+
+    settings = pipeline.model.image_generation_settings(
+        num_iter=kwargs["num_iter"], guidance_scale=kwargs["guidance_scale"], guidance_schedule=None,
+        temperature=kwargs["temperature"], num_inference_steps=kwargs["num_inference_steps"], preset=kwargs["preset"],
+    )
+    image_size = pipeline.model.config.image_size
+    return {
+        "height": kwargs["height"] or image_size, "width": kwargs["width"] or image_size,
+        **settings,
+        "preset_name": args.preset or pipeline.model.image_generation_defaults["preset"],
+        "preset": dataclasses.asdict(settings["preset"]),
+        "dtype": str(pipeline.model.dtype).removeprefix("torch."),
+        "device": str(pipeline.device),
+    }
 
 
 # -- understanding --------------------------------------------------------------------------------------------------
@@ -315,6 +367,31 @@ def _evaluate(args):
         path.write_text(json.dumps(results, indent=2) + "\n")
 
 
+def _evaluate_benchmark(args):
+    from .benchmarks import BENCHMARK_LAYOUTS
+
+    layout = BENCHMARK_LAYOUTS[args.benchmark]
+    if args.n is None:
+        args.n = layout.images_per_prompt
+    generate_in_layout(args, layout, run_record=True)
+
+
+def _fid(args):
+    from .benchmarks import FIDInceptionV3, frechet_inception_distance
+    from .loading import choose_device
+
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = choose_device(args.device)
+    extractor = None if args.inception is None else FIDInceptionV3(args.inception)
+    result = frechet_inception_distance(args.real, args.generated, extractor, args.batch_size, device)
+    print(f"FID {result['fid']:.4f} ({result['generated_images']} generated images, {result['real_images']} real)")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"real": args.real, "generated": args.generated, **result}, indent=2) + "\n")
+
+
 def _shapes(args):
     from .shapes.build import build_initial_model
 
@@ -362,7 +439,7 @@ def _load(args):
     return load_pipeline(args.model, getattr(args, "lora", None), dtype=args.dtype, device=args.device)
 
 
-def _add_sampling_arguments(parser):
+def _add_sampling_arguments(parser, images_per_prompt: int | None = 1, images_help: str = "images per prompt (1)"):
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same image (0)")
     parser.add_argument("--size", help="image size in pixels, N or HxW, multiples of 16 (the model's default)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (the model's default, 3.0 "
@@ -373,7 +450,7 @@ def _add_sampling_arguments(parser):
     parser.add_argument("--temperature", type=float, help="diffusion sampling temperature (the model's default, 1.0 "
                                                           "for the releases)")
     _add_preset_argument(parser)
-    parser.add_argument("--n", type=int, default=1, help="images per prompt (1)")
+    parser.add_argument("--n", type=int, default=images_per_prompt, help=images_help)
 
 
 def _add_preset_argument(parser):
@@ -382,8 +459,15 @@ def _add_preset_argument(parser):
                                          "releases)")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line, as the command's other errors (--help shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harmon", description="Harmon: unified image understanding and generation.")
+    parser = ArgumentParser(prog="harmon", description="Harmon: unified image understanding and generation.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     generate = commands.add_parser("generate", help="generate images from text",
@@ -440,20 +524,60 @@ def build_parser() -> argparse.ArgumentParser:
     export_lora.add_argument("--output", required=True, help="folder to write the merged model to")
     export_lora.set_defaults(run=_export_lora)
 
-    evaluate = commands.add_parser("eval", help="evaluate a model on a benchmark (shapes: ShapesEval)",
-                                   description="ShapesEval: generation on held-out prompts judged by a detector, and "
-                                               "understanding (exact match) on held-out images.")
-    evaluate.add_argument("benchmark", choices=["shapes"], help="the benchmark")
-    _add_model_argument(evaluate)
-    evaluate.add_argument("--n", type=int, default=200, help="samples for generation and for understanding (200)")
-    evaluate.add_argument("--json", help="also write the scores to this JSON file")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the test cases and the sampling (0)")
-    evaluate.add_argument("--rounds", type=int, help="masked-autoregressive rounds (the pipeline's default)")
-    evaluate.add_argument("--steps", type=int, help="diffusion-head steps (the model's default)")
-    _add_preset_argument(evaluate)
-    evaluate.add_argument("--scheduler", choices=["harmon", "dpm-solver"], default="harmon",
-                          help="diffusion-head sampler: the model's own (default) or DPM-Solver++ for few steps")
-    evaluate.set_defaults(run=_evaluate)
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a model on a benchmark (shapes, geneval, dpg, wise, fid)",
+        description="Run ShapesEval, draw a benchmark's prompts in the layout its official scorer reads (GenEval, "
+                    "DPG-Bench, WISE; several processes: accelerate launch [--multi_gpu --num_processes N] -m "
+                    "harmon_hf.cli eval ...), or compute FID between two folders of images.")
+    benchmarks = evaluate.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+
+    shapes_eval = benchmarks.add_parser("shapes", help="ShapesEval: generation and understanding on held-out cases",
+                                        description="ShapesEval: generation on held-out prompts judged by a detector, "
+                                                    "and understanding (exact match) on held-out images.")
+    _add_model_argument(shapes_eval)
+    shapes_eval.add_argument("--n", type=int, default=200, help="samples for generation and for understanding (200)")
+    shapes_eval.add_argument("--json", help="also write the scores to this JSON file")
+    shapes_eval.add_argument("--seed", type=int, default=0, help="seed of the test cases and the sampling (0)")
+    shapes_eval.add_argument("--rounds", type=int, help="masked-autoregressive rounds (the pipeline's default)")
+    shapes_eval.add_argument("--steps", type=int, help="diffusion-head steps (the model's default)")
+    _add_preset_argument(shapes_eval)
+    shapes_eval.add_argument("--scheduler", choices=["harmon", "dpm-solver"], default="harmon",
+                             help="diffusion-head sampler: the model's own (default) or DPM-Solver++ for few steps")
+    shapes_eval.set_defaults(run=_evaluate)
+
+    for name, title, prompts_help, layout_help, images_help in (
+        ("geneval", "GenEval", "GenEval's prompts/evaluation_metadata.jsonl",
+         "OUTDIR/<index:05d>/metadata.jsonl and samples/<n:04d>.png", "images per prompt (GenEval's 4)"),
+        ("dpg", "DPG-Bench", "DPG-Bench's prompts folder (<item_id>.txt files) or dpg_bench.csv",
+         "OUTDIR/<item_id>.png, the samples of a prompt in a 2x2 grid",
+         "images per prompt: DPG-Bench's 4, in a 2x2 grid, or 1"),
+        ("wise", "WISE", "a WISE prompts file (data_verified/merge.json, or another JSON list of prompt_id and "
+                         "Prompt objects)", "OUTDIR/<prompt_id>.png", "images per prompt (WISE's 1)"),
+    ):
+        benchmark = benchmarks.add_parser(
+            name, help=f"draw {title}'s prompts for its official scorer",
+            description=f"Draw {title}'s prompts in the layout its official scorer reads ({layout_help}) and write "
+                        "OUTDIR/run.json (model, settings, seconds per image, machine). Prompt i uses seed --seed + "
+                        "i; finished prompts are skipped, so a stopped run continues where it stopped.")
+        benchmark.add_argument("--prompts", required=True, metavar="PATH", help=prompts_help)
+        benchmark.add_argument("--outdir", required=True, metavar="DIR", help="output folder")
+        _add_model_argument(benchmark)
+        _add_sampling_arguments(benchmark, images_per_prompt=None, images_help=images_help)
+        benchmark.set_defaults(run=_evaluate_benchmark)
+
+    fid = benchmarks.add_parser(
+        "fid", help="FID between two folders of images (MJHQ-30K)",
+        description="Frechet Inception Distance between the images of two folders and their subfolders: images "
+                    "resized to 299x299 as clean-fid does (PIL bicubic), features of FID's Inception v3 (TensorFlow's "
+                    "inception-2015-12-05, downloaded once into torch's hub cache unless --inception names the file).")
+    fid.add_argument("--real", required=True, metavar="DIR", help="folder of reference images (MJHQ-30K: its images)")
+    fid.add_argument("--generated", required=True, metavar="DIR", help="folder of generated images")
+    fid.add_argument("--json", help="also write the result to this JSON file")
+    fid.add_argument("--inception", metavar="FILE",
+                     help="the TorchScript file inception-2015-12-05.pt, for a machine without internet")
+    fid.add_argument("--batch-size", type=int, default=50, help="images per forward pass (50)")
+    fid.add_argument("--device", choices=DEVICES, default="auto", help="where to run (auto: the GPU if there is one)")
+    fid.set_defaults(run=_fid)
 
     shapes = commands.add_parser("shapes", help="Harmon-Shapes: build the starting model of its training",
                                  description="Train the small autoencoder, learn the tokenizer and save a randomly "
@@ -471,7 +595,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a released Harmon checkpoint and its KL-16 VAE into a transformers model folder "
         "(safetensors), loadable with AutoModel.from_pretrained(folder, trust_remote_code=True).",
     )
-    convert.add_argument("--checkpoint", required=True, help="harmon_0.5b.pth, harmon_1.5b.pth or harmon_1.5b-o.pth")
+    convert.add_argument("--checkpoint", required=True,
+                         help="harmon_0.5b.pth, harmon_1.5b.pth or harmon_1.5b-o.pth; also a fine-tuned checkpoint of "
+                              "the same names: an mmengine/xtuner iter_N.pth (the reference's and RecA's training), a "
+                              ".safetensors file, or a folder of them (a DeepSpeed checkpoint consolidated by "
+                              "zero_to_fp32 --safe_serialization)")
     convert.add_argument("--vae", required=True, help="kl16.ckpt")
     convert.add_argument("--config", required=True,
                          help="0.5b, 1.5b, or a JSON file of the reference's constructor arguments")
