@@ -499,3 +499,26 @@ def test_image_folder_and_webdataset_sources(harmon_folder, tmp_path):
         recipe = make_recipe(harmon_folder, tmp_path / "run", [source])
         samples = [s for s, _ in zip(build_training_stream(recipe, processor), range(4))]
         assert len(samples) == 4 and all(s["task"] == source["task"] and s["image"] for s in samples)
+
+
+def test_bfloat16_mixed_precision_on_the_cpu_trains(harmon_folder, data, tmp_path):
+    """`training.bf16: true` on a CPU: the Trainer's own switch (autocast to bfloat16), with float32 weights."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(harmon_folder)
+    runs = {}
+    for bf16 in (False, True):
+        recipe = make_recipe(harmon_folder, tmp_path / f"bf16-{bf16}", three_task_sources(data),
+                             training={"max_steps": 30, "bf16": bf16})
+        runs[bf16] = (recipe, train(recipe))
+    recipe, final = runs[True]
+    samples = [sample for sample, _ in zip(build_training_stream(recipe, processor), range(24))]
+    collator = HarmonDataCollator(processor.tokenizer.pad_token_id, processor.image_processor, 64)
+    before = fixed_task_losses(HarmonForConditionalGeneration.from_pretrained(harmon_folder), collator, samples)
+    trained = HarmonForConditionalGeneration.from_pretrained(final)
+    assert trained.dtype == torch.float32  # mixed precision computes in bfloat16 and keeps the weights in float32
+    after = fixed_task_losses(trained, collator, samples)
+    for task in before:
+        assert after[task] < 0.9 * before[task], (task, before[task], after[task])
+    # The switch took effect: the same run in float32 computes other losses.
+    assert log_history(tmp_path / "bf16-True")[0]["loss"] != log_history(tmp_path / "bf16-False")[0]["loss"]

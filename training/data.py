@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Features, IterableDataset, List, Value, interleave_datasets, load_dataset
-from datasets.distributed import split_dataset_by_node
 from PIL import Image
 
 from ..modeling.processing_harmon import UNCONDITIONAL_PROMPT
@@ -319,7 +318,10 @@ def describe_reasons(reasons) -> str:
 
 
 def build_training_stream(recipe: Recipe, processor, rank: int = 0, world_size: int = 1) -> IterableDataset:
-    """All sources, prepared, filtered and interleaved by their ratios (and split between processes)."""
+    """All sources, prepared, filtered and interleaved by their ratios; with several processes, each source is split
+    between them first and every process interleaves its parts with the same seed, so that at every step all the
+    processes train the same tasks (on different samples). Sharded training (FSDP, DeepSpeed ZeRO-3) needs that: a
+    module's parameters are gathered by all the processes together, when the module runs."""
     streams, probabilities = [], []
     for index, source in enumerate(recipe.data):
         if source.ratio == 0:
@@ -329,12 +331,14 @@ def build_training_stream(recipe: Recipe, processor, rank: int = 0, world_size: 
             raw = raw.shuffle(seed=recipe.seed + index, buffer_size=source.shuffle_buffer)
         builder = SampleBuilder(recipe, source, index, processor)
         samples = raw.map(builder, with_indices=True, features=SAMPLE_FEATURES).select_columns(list(SAMPLE_FEATURES))
-        streams.append(samples.filter(is_usable))
+        usable = samples.filter(is_usable)
+        if world_size > 1:  # every world_size-th usable sample (split_dataset_by_node here gave the processes different task orders)
+            usable = usable.filter(lambda _, position: position % world_size == rank, with_indices=True)
+        streams.append(usable)
         probabilities.append(source.ratio)
     total = sum(probabilities)
-    mixed = interleave_datasets(streams, probabilities=[p / total for p in probabilities], seed=recipe.seed,
-                                stopping_strategy="all_exhausted")
-    return split_dataset_by_node(mixed, rank=rank, world_size=world_size) if world_size > 1 else mixed
+    return interleave_datasets(streams, probabilities=[p / total for p in probabilities], seed=recipe.seed,
+                               stopping_strategy="all_exhausted")
 
 
 class HarmonDataCollator:

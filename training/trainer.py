@@ -1,12 +1,17 @@
 """HarmonTrainer: transformers' Trainer with Harmon's three task losses, per-module learning rates and task logs."""
 
+import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from accelerate.data_loader import IterableDatasetShard
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
+from ..modeling import HarmonForConditionalGeneration
 from .recipe import MODULES, Recipe
 
 
@@ -67,6 +72,27 @@ class HarmonTrainer(Trainer):
         self._task_loss_sums = defaultdict(float)
         self._task_loss_counts = defaultdict(int)
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if state.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+            # accelerate 1.16 switches an FSDP launch to FSDP on accelerators only: processes on CPUs (gloo) would
+            # silently train with DDP, each holding the whole model. FSDP2 itself shards on CPUs, so switch here.
+            plugin = FullyShardedDataParallelPlugin()  # from the launch's environment, as accelerate builds it
+            if state.mixed_precision != "no":
+                plugin.set_mixed_precision(state.mixed_precision)
+            state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
+            self.is_fsdp_enabled = True
+
+    def get_train_dataloader(self):
+        dataloader = super().get_train_dataloader()
+        # The stream is already this process's share (`build_training_stream` gives every process the same task
+        # sequence, on samples of its own); accelerate's IterableDatasetShard would hand each process another slice
+        # of it, and so other tasks. Make it a passthrough, as Trainer does for its rank-aware batch samplers.
+        if isinstance(dataloader.dataset, IterableDatasetShard):
+            dataloader.dataset.num_processes, dataloader.dataset.process_index = 1, 0
+        return dataloader
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             groups = parameter_groups(model or self.model, self.recipe.learning_rates, self.recipe.weight_decay)
@@ -82,6 +108,24 @@ class HarmonTrainer(Trainer):
             self._task_loss_sums[task] += loss.detach().float()  # a tensor: no device sync until the next log
             self._task_loss_counts[task] += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        if not self.is_fsdp_enabled or _internal_call:  # FSDP checkpoints keep their shards, for --resume
+            return super().save_model(output_dir, _internal_call)
+        # A normal model folder from FSDP: every process takes part in gathering the full weights, then the main
+        # process writes them from a plain (unsharded) model. Trainer's own FSDP save writes shards only, or, asked
+        # for full weights, saves through the sharded model on the main process alone, whose collectives then hang.
+        # (accelerate's get_state_dict follows the launch's fsdp_state_dict_type, and gives shards with SHARDED.)
+        state_dict = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.args.should_save:
+            config = harmon_model(self.accelerator.unwrap_model(self.model)).config
+            with torch.device("meta"):
+                model = HarmonForConditionalGeneration(config)
+            model.load_state_dict(state_dict, assign=True)
+            model.tie_weights()  # the LM head is the embeddings again, as in the trained model
+            model.save_pretrained(output_dir)
+            self.processing_class.save_pretrained(output_dir)
+        self.accelerator.wait_for_everyone()
 
     def _save_checkpoint(self, model, trial):
         # Trainer deletes the checkpoints beyond save_total_limit at the end of its _save_checkpoint, before this one
