@@ -86,6 +86,9 @@ def test_two_fsdp_processes_train_as_one_process_with_their_global_batch(harmon_
     change = max((single[name] - tensor).abs().max() for name, tensor in original.items())
     gap = max((trained[name] - single[name]).abs().max() for name in original)
     assert gap < 0.05 * change, (gap, change)
+    one_final = tmp_path / "one" / "final"
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "processor_config.json"):
+        assert (final / name).read_text() == (one_final / name).read_text(), name
     model = AutoModel.from_pretrained(final, trust_remote_code=True)  # a normal model folder, remote code included
     prompt = processor.tokenizer("red square", return_tensors="pt")
     generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)

@@ -118,10 +118,11 @@ class HarmonTrainer(Trainer):
         # (accelerate's get_state_dict follows the launch's fsdp_state_dict_type, and gives shards with SHARDED.)
         state_dict = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.args.should_save:
-            config = harmon_model(self.accelerator.unwrap_model(self.model)).config
+            trained = harmon_model(self.accelerator.unwrap_model(self.model))
             with torch.device("meta"):
-                model = HarmonForConditionalGeneration(config)
+                model = HarmonForConditionalGeneration(trained.config)
             model.load_state_dict(state_dict, assign=True)
+            model.generation_config = trained.generation_config
             model.tie_weights()  # the LM head is the embeddings again, as in the trained model
             model.save_pretrained(output_dir)
             self.processing_class.save_pretrained(output_dir)
