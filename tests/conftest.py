@@ -4,9 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets.config
 import pytest
 import torch
 from safetensors.torch import load_file
+
+# datasets sleeps 5 s whenever a stream mixing parquet sources stops, for pyarrow's threads to close
+# (apache/arrow#45214); the tests stop hundreds of short streams, where those seconds would be most of their time.
+datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,10 +1,10 @@
-"""The accelerate configs in training/accelerate/ load with accelerate's own loader and shard what the model says."""
+"""The FSDP config loads with accelerate's own loader and shards what the model says (tests/test_sharded_training.py
+runs every config)."""
 
 import os
 from pathlib import Path
 from unittest import mock
 
-import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -28,10 +28,3 @@ def test_fsdp_config_shards_each_no_split_module():
         plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 2
     assert plugin.transformer_cls_names_to_wrap == HarmonPreTrainedModel._no_split_modules
-
-
-@pytest.mark.parametrize("name, stage", [("zero2.yaml", 2), ("zero3.yaml", 3)])
-def test_deepspeed_configs_set_their_zero_stage(name, stage):
-    config = load_config_from_file(str(CONFIGS / name))
-    assert config.distributed_type == DistributedType.DEEPSPEED
-    assert config.deepspeed_config["zero_stage"] == stage

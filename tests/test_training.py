@@ -507,9 +507,9 @@ def test_bfloat16_mixed_precision_on_the_cpu_trains(harmon_folder, data, tmp_pat
 
     processor = AutoProcessor.from_pretrained(harmon_folder)
     runs = {}
-    for bf16 in (False, True):
+    for bf16, steps in ((False, 1), (True, 30)):  # float32 only for its first loss
         recipe = make_recipe(harmon_folder, tmp_path / f"bf16-{bf16}", three_task_sources(data),
-                             training={"max_steps": 30, "bf16": bf16})
+                             training={"max_steps": steps, "bf16": bf16})
         runs[bf16] = (recipe, train(recipe))
     recipe, final = runs[True]
     samples = [sample for sample, _ in zip(build_training_stream(recipe, processor), range(24))]

@@ -332,8 +332,12 @@ def build_training_stream(recipe: Recipe, processor, rank: int = 0, world_size: 
         builder = SampleBuilder(recipe, source, index, processor)
         samples = raw.map(builder, with_indices=True, features=SAMPLE_FEATURES).select_columns(list(SAMPLE_FEATURES))
         usable = samples.filter(is_usable)
-        if world_size > 1:  # every world_size-th usable sample (split_dataset_by_node here gave the processes different task orders)
-            usable = usable.filter(lambda _, position: position % world_size == rank, with_indices=True)
+        if world_size > 1:
+            # Of every world_size usable samples in a row, this process takes the rank-th, and an incomplete last
+            # group is dropped: every process then gets as many samples per pass, so their passes end at the same
+            # step and the next pass's tasks stay in step too. (split_dataset_by_node gave them different orders.)
+            usable = usable.map(lambda group: {column: values[rank:rank + 1] for column, values in group.items()},
+                                batched=True, batch_size=world_size, drop_last_batch=True)
         streams.append(usable)
         probabilities.append(source.ratio)
     total = sum(probabilities)

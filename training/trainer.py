@@ -83,6 +83,12 @@ class HarmonTrainer(Trainer):
                 plugin.set_mixed_precision(state.mixed_precision)
             state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
             self.is_fsdp_enabled = True
+        if self.is_fsdp_enabled and state.fsdp_plugin.activation_checkpointing:
+            # accelerate's checkpoint wrapper around each shard unit fails on the diffusion head, whose loss calls
+            # the head from inside: its weights are then still shards ("got mixed torch.Tensor and DTensor"). The
+            # model's own checkpointing recomputes the same blocks (decoder layers, MAR blocks, the head's blocks)
+            # inside FSDP's hooks, so FSDP's switch turns it on instead.
+            state.fsdp_plugin.activation_checkpointing, self.args.activation_checkpointing = False, True
 
     def get_train_dataloader(self):
         dataloader = super().get_train_dataloader()
@@ -118,13 +124,16 @@ class HarmonTrainer(Trainer):
         # (accelerate's get_state_dict follows the launch's fsdp_state_dict_type, and gives shards with SHARDED.)
         state_dict = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.args.should_save:
-            trained = harmon_model(self.accelerator.unwrap_model(self.model))
-            with torch.device("meta"):
-                model = HarmonForConditionalGeneration(trained.config)
-            model.load_state_dict(state_dict, assign=True)
-            model.generation_config = trained.generation_config
-            model.tie_weights()  # the LM head is the embeddings again, as in the trained model
-            model.save_pretrained(output_dir)
+            trained = self.accelerator.unwrap_model(self.model)
+            if hasattr(trained, "peft_config"):  # LoRA: the adapter alone, as without FSDP
+                trained.save_pretrained(output_dir, state_dict=state_dict)
+            else:
+                with torch.device("meta"):
+                    model = HarmonForConditionalGeneration(trained.config)
+                model.load_state_dict(state_dict, assign=True)
+                model.generation_config = trained.generation_config
+                model.tie_weights()  # the LM head is the embeddings again, as in the trained model
+                model.save_pretrained(output_dir)
             self.processing_class.save_pretrained(output_dir)
         self.accelerator.wait_for_everyone()
 

@@ -400,11 +400,14 @@ def _shapes(args):
 
 
 def _train(args):
+    from accelerate import PartialState
+
     from .training import Recipe, train
 
     recipe = Recipe.load(args.recipe, args.overrides)
     final = train(recipe, resume=args.resume if args.resume != "latest" else True)
-    print(f"Saved the trained {'adapter' if recipe.lora else 'model'} to {final}")
+    if PartialState().is_main_process:  # under accelerate launch, once rather than once per process
+        print(f"Saved the trained {'adapter' if recipe.lora else 'model'} to {final}")
 
 
 def _export_lora(args):
