@@ -83,6 +83,11 @@ class HarmonTrainer(Trainer):
                 plugin.set_mixed_precision(state.mixed_precision)
             state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
             self.is_fsdp_enabled = True
+        if self.is_fsdp_enabled and "FULL" in str(state.fsdp_plugin.state_dict_type):
+            # Seen with accelerate 1.16 and torch 2.13: resuming loads the full state dict on the main process, which
+            # then waits in a broadcast that the other processes skip, forever. Refused before any compute.
+            raise ValueError("fsdp_state_dict_type FULL_STATE_DICT: --resume from its checkpoints hangs under FSDP2; "
+                             "use SHARDED_STATE_DICT (the final folder is a normal model folder either way)")
         if self.is_fsdp_enabled and state.fsdp_plugin.activation_checkpointing:
             # accelerate's checkpoint wrapper around each shard unit fails on the diffusion head, whose loss calls
             # the head from inside: its weights are then still shards ("got mixed torch.Tensor and DTensor"). The
