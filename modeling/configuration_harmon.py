@@ -106,6 +106,7 @@ class HarmonConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
+        self.check_extra_keys(kwargs)
         super().__post_init__(**kwargs)
         self.vae_config = dict(KL16_VAE if self.vae_config is None else self.vae_config)
         self.tie_word_embeddings = self.text_config.tie_word_embeddings
@@ -116,6 +117,21 @@ class HarmonConfig(PreTrainedConfig):
                 raise ValueError(f"{name}_hidden_size ({width}) must be divisible by {name}_num_attention_heads ({heads})")
         if self.image_size % self.vae_stride:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of the VAE stride ({self.vae_stride})")
+
+    @classmethod
+    def check_extra_keys(cls, extra: dict):
+        """Refuse, before any model is built, keys beyond the fields (from a config.json or keywords) that do not
+        describe a Harmon model: another `model_type` (transformers would only warn), or a value this class computes
+        (transformers would log the whole config, then fail on the property's missing setter)."""
+        model_type = extra.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(f"model_type is {model_type!r}, but a Harmon config's must be {cls.model_type!r}: "
+                             "this config.json is not a Harmon model's")
+        for key, value in extra.items():
+            attribute = getattr(cls, key, None)
+            if isinstance(attribute, property) and attribute.fset is None:
+                raise ValueError(f"{key}={value!r} in the config is not a setting: {cls.__name__} computes {key} "
+                                 "from its other fields, so the key must be removed")
 
     @property
     def vae_stride(self) -> int:

@@ -6,6 +6,7 @@ This file imports nothing from beside it: a pipeline folder carries it as the cu
 
 import functools
 import json
+import numbers
 import shutil
 import sys
 import threading
@@ -20,11 +21,13 @@ from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 from huggingface_hub import create_repo, upload_folder
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoModel, AutoProcessor, PreTrainedConfig
 from transformers.utils import cached_file
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# The model_type of a Harmon model's config.json.
+HARMON_MODEL_TYPE = "harmon"
 # A pipeline folder (diffusers' layout) keeps each component in the subfolder of its name; a model folder
 # (transformers' layout) has the model and the processor at its root, and may have a scheduler/ subfolder.
 COMPONENT_FOLDERS = ("model", "processor", "scheduler")
@@ -89,6 +92,10 @@ class HarmonPipeline(DiffusionPipeline):
         source = str(pretrained_model_name_or_path)
         is_pipeline_folder = _has_file(source, "model_index.json", hub)
         model_folder, processor_folder = ("model", "processor") if is_pipeline_folder else ("", "")
+        model_type = PreTrainedConfig.get_config_dict(source, subfolder=model_folder, **hub)[0].get("model_type")
+        if model_type != HARMON_MODEL_TYPE:  # AutoModel would build that model, at its default size
+            raise ValueError(f"{source}: model_type is {model_type!r}, but a Harmon model's must be "
+                             f"{HARMON_MODEL_TYPE!r}: this is not a Harmon model folder")
         model = AutoModel.from_pretrained(source, subfolder=model_folder, dtype=dtype,
                                           trust_remote_code=trust_remote_code, **hub, **kwargs)
         processor = AutoProcessor.from_pretrained(source, subfolder=processor_folder,
@@ -148,7 +155,9 @@ class HarmonPipeline(DiffusionPipeline):
                      negative_prompt_attention_mask):
         """The pipeline's own inputs; the sampling settings and the scheduler are the model's to check
         (`check_image_generation`, `diffusion_head.check_scheduler`)."""
-        if (prompt is None) == (prompt_embeds is None):
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("give a prompt (or prompt_embeds): got neither")
+        if prompt is not None and prompt_embeds is not None:
             raise ValueError("give prompt or prompt_embeds, not both")
         if prompt_embeds is not None:
             if negative_prompt is not None:
@@ -170,6 +179,8 @@ class HarmonPipeline(DiffusionPipeline):
         if isinstance(prompt, list) and not prompt:
             raise ValueError("prompt must not be an empty list")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
+            if not (isinstance(negative_prompt, list) and all(isinstance(n, str) for n in negative_prompt)):
+                raise ValueError(f"negative_prompt must be a string or a list of strings, got {negative_prompt!r}")
             if len(negative_prompt) != (1 if isinstance(prompt, str) else len(prompt)):
                 raise ValueError("negative_prompt must be one string or one per prompt")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
@@ -178,6 +189,9 @@ class HarmonPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if (image is None) != (mask_image is None):
             raise ValueError("inpainting needs both image and mask_image")
+        for name, value in (("image", image), ("mask_image", mask_image)):
+            if value is not None and not isinstance(value, PIL.Image.Image):
+                raise ValueError(f"{name} must be a PIL image (PIL.Image.Image), got {type(value).__name__}")
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, got {unknown}")
@@ -217,7 +231,8 @@ class HarmonPipeline(DiffusionPipeline):
         """Latents of `image` resized to height x width, and the token mask: a token is regenerated when any pixel of
         its patch is white (> 127) in `mask_image`."""
         image_processor = self.processor.image_processor
-        image = image.convert("RGB").resize((width, height), resample=image_processor.resample)
+        image_processor.check_image_size(*mask_image.size)  # before either is decoded
+        image = image_processor.to_rgb(image).resize((width, height), resample=image_processor.resample)
         pixels = torch.from_numpy(image_processor.normalize(np.asarray(image)))[None]
         latents = self.model.encode_images(pixels.to(self.device, self.model.dtype)).float()
         stride = self.model.config.vae_stride
@@ -230,7 +245,11 @@ class HarmonPipeline(DiffusionPipeline):
 
     @staticmethod
     def prepare_outpainting(image: PIL.Image.Image, left=0, top=0, right=0, bottom=0):
-        """`image` on a larger canvas and the mask of the added border, for `pipe(prompt, image=..., mask_image=...)`."""
+        """`image` on a larger canvas and the mask of the added border, for `pipe(prompt, image=..., mask_image=...)`;
+        each margin is the pixels added on that side."""
+        for name, margin in (("left", left), ("top", top), ("right", right), ("bottom", bottom)):
+            if not isinstance(margin, numbers.Integral) or isinstance(margin, bool) or margin < 0:
+                raise ValueError(f"{name} must be a number of pixels >= 0 to add, got {margin!r}")
         width, height = image.size
         canvas = PIL.Image.new("RGB", (width + left + right, height + top + bottom), (127, 127, 127))
         canvas.paste(image.convert("RGB"), (left, top))
@@ -302,7 +321,10 @@ class HarmonPipeline(DiffusionPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
-        # 1. Check inputs (None: `image`'s size, else the model's defaults)
+        # 1. Check inputs (sizes left at None: `image`'s, else the model's defaults)
+        self.check_inputs(prompt, negative_prompt, num_images_per_prompt, output_type, image, mask_image,
+                          callback_on_step_end_tensor_inputs, prompt_embeds, prompt_attention_mask,
+                          negative_prompt_embeds, negative_prompt_attention_mask)
         default_size = self.model.config.image_size
         height = height if height is not None else image.height if image is not None else default_size
         width = width if width is not None else image.width if image is not None else default_size
@@ -313,9 +335,6 @@ class HarmonPipeline(DiffusionPipeline):
             ).values()
         )
         self._guidance_scale = guidance_scale
-        self.check_inputs(prompt, negative_prompt, num_images_per_prompt, output_type, image, mask_image,
-                          callback_on_step_end_tensor_inputs, prompt_embeds, prompt_attention_mask,
-                          negative_prompt_embeds, negative_prompt_attention_mask)
         self._interrupt = False
 
         # 2. Encode the prompts: conditional rows, then (with guidance) unconditional rows
@@ -330,7 +349,8 @@ class HarmonPipeline(DiffusionPipeline):
                 [prompt_embeds, negative_prompt_embeds], [prompt_attention_mask, negative_prompt_attention_mask]
             )
         self.model.check_image_generation(prompt_embeds.shape[1], height, width, num_iter, guidance_scale,
-                                          guidance_schedule, temperature, num_inference_steps)  # before any compute
+                                          guidance_schedule, temperature, num_inference_steps,
+                                          generator)  # before any compute
 
         # 3. Prepare the tokens to keep (inpainting)
         image_latents = token_mask = None

@@ -94,6 +94,8 @@ class HarmonProcessor(ProcessorMixin):
         """
         if text is None:
             raise ValueError("HarmonProcessor needs text (with one <image> marker per image)")
+        if isinstance(text, (list, tuple)) and not text:
+            raise ValueError("text must hold at least one sequence, got an empty list")
         # Template text never needs the tokenizer's own special tokens (a Qwen2 tokenizer adds none anyway).
         kwargs.setdefault("add_special_tokens", False)
         return super().__call__(images=images, text=text, padding=padding, padding_side=padding_side,

@@ -112,8 +112,8 @@ def test_prompts_file_in_geneval_layout_resumes_and_shards(harmon_folder, tmp_pa
     "arguments, fragment",
     [
         (["describe", "missing.png", "--model", "MODEL"], "no such file: missing.png"),
-        (["describe", "notes.txt", "--model", "MODEL"], "not an image: notes.txt"),
-        (["describe", "bomb.png", "--model", "MODEL"], "not an image: bomb.png"),
+        (["describe", "notes.txt", "--model", "MODEL"], "notes.txt: not an image that can be read"),
+        (["describe", "bomb.png", "--model", "MODEL"], "bomb.png: the image declares more pixels than are ever decoded"),
         (["describe", "red.png", "--max-new-tokens", "0", "--model", "MODEL"], "--max-new-tokens must be at least 1"),
         (["chat", "red.png", "--max-new-tokens", "-1", "--model", "MODEL"], "--max-new-tokens must be at least 1"),
         (["generate", "x", "--size", "50", "--model", "MODEL"], "height must be a positive multiple of 16, got 50"),
@@ -250,3 +250,45 @@ def test_a_device_the_machine_lacks_is_a_clear_error(harmon_folder, tmp_path, mo
     assert main(["describe", str(tmp_path / "red.png"), "--device", "cuda", "--model", str(harmon_folder)]) == 1
     assert capsys.readouterr().err.strip() == ("harmon describe: error: device cuda: this machine has no CUDA GPU that "
                                                "torch can use")
+
+
+@pytest.mark.parametrize("seed", [str(2**70), "-1", str(2**64), "three"])
+@pytest.mark.parametrize("program, arguments", [
+    ("generate", ["x", "--model", "/no/such/model"]),
+    ("inpaint", ["image.png", "mask.png", "x", "--model", "/no/such/model"]),
+    ("eval wise", ["--prompts", "wise.json", "--outdir", "out", "--model", "/no/such/model"]),
+    ("eval shapes", ["--model", "/no/such/model"]),
+    ("shapes", ["init"]),
+], ids=["generate", "inpaint", "eval-wise", "eval-shapes", "shapes-init"])
+def test_a_seed_torch_cannot_take_is_refused_in_one_line(program, arguments, seed, capsys):
+    """torch's generators take 0 <= seed < 2**64: larger ones stopped after loading the model with "Overflow when
+    unpacking long long", a negative one gave the images of another seed."""
+    from harmon_hf.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([*program.split(), *arguments, "--seed", seed])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"harmon {program}: error: argument --seed: must be an "
+                                                        f"integer from 0 to 2**64 - 1 (18446744073709551615), got "
+                                                        f"'{seed}'")
+
+
+@pytest.mark.parametrize("command, message", [
+    (["eval", "wise", "--prompts", "wise.json", "--outdir", "out", "--seed", str(2**64 - 2)],
+     "--seed 18446744073709551614 leaves too few seeds for 3 prompts: they use --seed to --seed + 2, and torch's "
+     "seeds end at 2**64 - 1 (--seed at most 18446744073709551613)"),
+    (["eval", "shapes", "--n", "5", "--seed", str(2**64 - 4)],
+     "--seed 18446744073709551612 leaves too few seeds for 5 samples: they use --seed to --seed + 4"),
+], ids=["eval-wise", "eval-shapes"])
+def test_seeds_that_run_past_torchs_range_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, command,
+                                                                             message):
+    from harmon_hf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wise.json").write_text(json.dumps([{"Prompt": f"a cat {i}", "prompt_id": i} for i in range(3)]))
+    assert main([*command, "--model", "/no/such/model"]) == 1
+    assert capsys.readouterr().err.startswith(f"harmon eval: error: {message}")
+    assert not (tmp_path / "out").exists()
+    largest = [*command[:-1], str(int(command[-1]) - 1)]  # the largest seed that leaves enough: on to the model
+    assert main([*largest, "--model", "/no/such/model"]) == 1
+    assert "no such model folder: /no/such/model" in capsys.readouterr().err

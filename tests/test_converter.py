@@ -323,8 +323,11 @@ def test_failure_to_write_the_folder_names_it(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(HarmonForConditionalGeneration, "save_pretrained", disk_full)
-    with pytest.raises(ValueError, match=f"^cannot write {re.escape(str(tmp_path / 'out'))}: No space left on device$"):
+    message = (f"^cannot write {re.escape(str(tmp_path / 'out'))}: the disk is full or a file size limit was reached "
+               r"\(No space left on device\)$")
+    with pytest.raises(ValueError, match=message):
         convert(GOLDEN / "harmon_tiny.pth", GOLDEN / "kl_tiny.ckpt", GOLDEN / "config.json", output=tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # no folder, no partial one beside it
 
 
 def test_converted_folder_is_safetensors_and_bfloat16_on_request(tmp_path):

@@ -90,7 +90,9 @@ def test_half_precision_computes_in_it_and_float16_keeps_the_vae_in_float32(harm
 
     with torch.no_grad():
         model(**question_inputs(pipe.processor, model.config.image_size))
-    latents = pipe("a red circle", generator=_seed(), output_type="latent", num_iter=2, num_inference_steps=2).images
+    # One round runs every network; the tiny model's random weights sample tokens near float16's largest value, which
+    # a second round's encoder would overflow to NaN (refused).
+    latents = pipe("a red circle", generator=_seed(), output_type="latent", num_iter=1, num_inference_steps=2).images
     pixels = model.decode_latents(latents)
 
     expected = {name for name, module in model.named_modules()

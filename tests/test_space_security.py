@@ -86,9 +86,19 @@ class Server:
         return {"path": uploaded, "meta": {"_type": "gradio.FileData"}}
 
     def peak_memory(self) -> int:
-        """The server's peak resident memory so far, in bytes."""
+        """The server's peak resident memory since it started or `reset_peak_memory`, in bytes."""
+        return self._memory("VmHWM")
+
+    def memory(self) -> int:
+        """The server's resident memory now, in bytes."""
+        return self._memory("VmRSS")
+
+    def reset_peak_memory(self):
+        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")  # the kernel's reset of VmHWM to VmRSS
+
+    def _memory(self, field: str) -> int:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith(f"{field}:"))) * 1024
 
 
 @pytest.fixture(scope="module")
@@ -158,11 +168,81 @@ def test_an_uploaded_image_is_answered(server, server_image):
     assert [turn["role"] for turn in chat] == ["user", "assistant"]
 
 
-def test_a_decompression_bomb_is_refused_with_a_message(server, tmp_path):
-    bomb = tmp_path / "bomb.png"
-    Image.new("1", (20000, 20000)).save(bomb)  # 400 megapixels in a 50 kB file
-    event, message = server.call("answer", server.upload(bomb), "What is this?", [], 16)
-    assert (event, message) == ("error", "The file is not an image this app can read (DecompressionBombError).")
+def _inpaint(server, background: dict, layers: list[dict]):
+    """/inpaint as `view_api` lists it, with the editor's background and paint layers as uploaded files."""
+    editor = {"background": background, "layers": layers, "composite": None}
+    return server.call("inpaint", editor, "a star", "", 3.0, FAST["num_iter"], FAST["num_inference_steps"], 1.0,
+                       "reference", 0, False)
+
+
+@pytest.fixture(scope="module")
+def huge_images(tmp_path_factory) -> dict[str, Path]:
+    """Small files that declare images beyond the limits: a 160000 x 100 sliver (47 KB, once padded to its 160000-pixel
+    square: the server killed for memory), a square of 4100 x 4100 (16.8 Mpx, a side beyond 4096) and a
+    decompression bomb of 20000 x 20000."""
+    folder = tmp_path_factory.mktemp("huge")
+    for name, size in {"sliver": (160000, 100), "square": (4100, 4100), "bomb": (20000, 20000)}.items():
+        Image.new("1", size).save(folder / f"{name}.png")
+    return {name: folder / f"{name}.png" for name in ("sliver", "square", "bomb")}
+
+
+HUGE_IMAGE_MESSAGES = {
+    "sliver": "The image is 160000x100 pixels: its longer side may be at most 4096.",
+    "square": "The image is 4100x4100 pixels: its longer side may be at most 4096.",
+    "bomb": "The image declares more pixels than are ever decoded here (its longer side may be at most 4096).",
+}
+# A refused image is answered within PROMPT_REFUSAL_SECONDS and raises the server's memory by less than this.
+REFUSAL_IMAGE_MEMORY_GROWTH = 100 * 2**20
+
+
+@pytest.mark.parametrize("tab", ["understand", "inpaint background", "inpaint layer"])
+@pytest.mark.parametrize("image", ["sliver", "square", "bomb"])
+def test_huge_images_are_refused_fast_with_bounded_memory(server, server_image, huge_images, image, tab):
+    huge, small = server.upload(huge_images[image]), server.upload(server_image)
+    calls = {"understand": lambda: server.call("answer", huge, "What is this?", [], 16),
+             "inpaint background": lambda: _inpaint(server, huge, [small]),
+             "inpaint layer": lambda: _inpaint(server, small, [huge])}
+    memory_before, start = server.memory(), time.monotonic()
+    server.reset_peak_memory()
+    event, message = calls[tab]()
+    assert time.monotonic() - start < PROMPT_REFUSAL_SECONDS
+    assert server.peak_memory() - memory_before < REFUSAL_IMAGE_MEMORY_GROWTH
+    expected = HUGE_IMAGE_MESSAGES[image]
+    if tab == "inpaint layer":
+        expected = f"The painted layer: {expected[0].lower()}{expected[1:]}"
+    assert (event, message) == ("error", expected)
+    assert server.call("answer", small, "What colour is the image?", [], 16)[0] == "complete"  # still serving
+
+
+def test_a_paint_layer_of_another_size_than_the_image_is_refused(server, server_image, tmp_path):
+    Image.new("RGBA", (16, 16), (255, 255, 255, 255)).save(tmp_path / "layer.png")
+    event, message = _inpaint(server, server.upload(server_image), [server.upload(tmp_path / "layer.png")])
+    assert (event, message) == ("error", "The painted layer: it is 16x16 pixels but the image is 32x32: they must be "
+                                         "the same size.")
+
+
+# After an allowed request of the largest image, the server's memory comes back to within this of what it was.
+MEMORY_RETURN_MARGIN = 100 * 2**20
+
+
+def test_memory_returns_after_the_largest_allowed_image(server, server_image, tmp_path):
+    """glibc kept the blocks of a decoded 4096 x 4096 image in its heap: 225 MB stayed after one inpainting."""
+    pixels = np.zeros((4096, 4096, 3), dtype=np.uint8)
+    pixels[::7, ::5] = 200  # a pattern that PNG still compresses to 60 kB, under the upload limit
+    Image.fromarray(pixels).save(tmp_path / "largest.png")
+    layer = np.zeros((4096, 4096, 4), dtype=np.uint8)
+    layer[:512, :512] = 255
+    Image.fromarray(layer).save(tmp_path / "layer.png")
+    small = server.upload(server_image)
+    assert server.call("answer", small, "What colour is the image?", [], 16)[0] == "complete"
+    idle = server.memory()
+    largest = server.upload(tmp_path / "largest.png")
+    server.reset_peak_memory()
+    assert server.call("answer", largest, "What is in the image?", [], 16)[0] == "complete"
+    assert _inpaint(server, largest, [server.upload(tmp_path / "layer.png")])[0] == "complete"
+    assert server.peak_memory() - idle > 100 * 2**20  # the images were decoded: this is the large request
+    assert server.call("answer", small, "What colour is the image?", [], 16)[0] == "complete"
+    assert server.memory() - idle < MEMORY_RETURN_MARGIN
 
 
 @pytest.mark.parametrize(

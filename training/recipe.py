@@ -16,6 +16,8 @@ FORMATS = ("auto", "parquet", "json", "csv", "imagefolder", "webdataset", "harmo
 # The modules of HarmonModel a recipe can train, freeze or give a learning rate. The LM head is tied to the
 # embeddings of the language model, and the VAE is always frozen.
 MODULES = ("language_model", "mar_encoder", "mar_decoder", "diffusion_head", "proj_in", "proj_out")
+# training.on_nonfinite, the first being the default: what a non-finite loss or gradient does to the run.
+ON_NONFINITE = ("stop", "skip")
 RECIPES_FOLDER = Path(__file__).parent / "recipes"
 
 
@@ -76,7 +78,8 @@ class Recipe:
     max_text_tokens: int = 512  # longer texts are skipped (and counted)
     seed: int = 0
     lora: LoraSettings | None = None
-    training: dict = field(default_factory=dict)  # keyword arguments of transformers.TrainingArguments
+    # keyword arguments of transformers.TrainingArguments, and on_nonfinite: what a non-finite loss or gradient does
+    training: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.validate()
@@ -109,6 +112,13 @@ class Recipe:
             raise ValueError(f"image_size must be a positive multiple of 16, got {self.image_size}")
         if not 0 <= self.unconditional_probability <= 1:
             raise ValueError(f"unconditional_probability must be in [0, 1], got {self.unconditional_probability}")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"training.on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}")
+
+    @property
+    def on_nonfinite(self) -> str:
+        """What a non-finite loss or gradient does: "stop" the run (the default), or "skip" that optimizer step."""
+        return self.training.get("on_nonfinite", ON_NONFINITE[0])
 
     @classmethod
     def load(cls, path: "str | Path", overrides: list[str] = ()) -> "Recipe":

@@ -1,5 +1,6 @@
 """`harmon train`: run a recipe with HarmonTrainer (also under `accelerate launch` for several processes)."""
 
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -11,13 +12,14 @@ from ..model_card import CARD_FILE, training_card
 from ..modeling import HarmonForConditionalGeneration  # also registers Harmon with AutoProcessor
 from .data import HarmonDataCollator, build_training_stream, check_source
 from .recipe import Recipe
-from .trainer import HarmonTrainer, latest_complete_checkpoint
+from .trainer import HarmonTrainer, check_checkpoint, latest_complete_checkpoint, writing
 
 # Settings every Harmon run needs, whatever the recipe says under `training`.
 FIXED_ARGUMENTS = {
     "remove_unused_columns": False,  # batches are grouped by task, not columns of the model's forward
     "accelerator_config": {"dispatch_batches": False},  # each process reads its own part of the streams
     "ddp_find_unused_parameters": True,  # a batch may hold only some of the tasks, leaving modules unused
+    "logging_nan_inf_filter": False,  # True logs a NaN loss as the mean of the earlier ones (0.0 just after a log)
 }
 # The paper's optimiser and schedule; a recipe may override them under `training`.
 DEFAULT_ARGUMENTS = {
@@ -67,11 +69,17 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
     unknown = set(recipe.training) & set(FIXED_ARGUMENTS)
     if unknown:
         raise ValueError(f"training.{sorted(unknown)[0]} is set by harmon train and cannot be changed")
+    steps = recipe.training.get("max_steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        given = "it is not set" if steps is None else f"got {steps!r}"
+        raise ValueError(f"training.max_steps must be a positive whole number, as streamed data has no length to "
+                         f"count the steps by; {given}")
+    training = {key: value for key, value in recipe.training.items() if key != "on_nonfinite"}  # Harmon's own
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     # use_cpu lets processes launched without GPUs form a (gloo) group instead of each training alone.
     values = {**DEFAULT_ARGUMENTS, "bf16": bf16, "use_cpu": not torch.cuda.is_available(), "seed": recipe.seed,
               "weight_decay": recipe.weight_decay, "learning_rate": max(recipe.learning_rates.values()),
-              **recipe.training, **FIXED_ARGUMENTS}
+              **training, **FIXED_ARGUMENTS}
     try:
         return TrainingArguments(output_dir=recipe.output_dir, **values)
     except TypeError as error:
@@ -81,14 +89,16 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
 def train(recipe: Recipe, resume: bool | str = False) -> Path:
     """Train; returns the folder of the final model (or LoRA adapter). `resume=True` continues from the newest
     complete checkpoint in `output_dir`, a path from that checkpoint."""
+    args = training_arguments(recipe)
     if resume is True:
         resume = str(latest_complete_checkpoint(recipe.output_dir))
+    if resume:
+        check_checkpoint(resume)
     with reading_model(recipe.model):
         processor = AutoProcessor.from_pretrained(recipe.model)
     for index, source in enumerate(recipe.data):
         if source.ratio > 0:
             check_source(recipe, index, processor)  # before any compute
-    args = training_arguments(recipe)
     set_seed(recipe.seed)
     model = load_model(recipe)
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -107,9 +117,37 @@ def train(recipe: Recipe, resume: bool | str = False) -> Path:
     if trainer.state.global_step == 0:  # Trainer only warns when the data gives no batch at all
         raise ValueError(f"training took no step: the data gave no batch of {args.per_device_train_batch_size} "
                          f"sample(s); nothing was saved")
-    trainer.save_state()  # trainer_state.json in output_dir: the whole log history
+    if trainer.skipped_steps and state.is_main_process:
+        print(f"harmon train: skipped {trainer.skipped_steps} optimizer step(s) for a non-finite loss or gradient")
+    with writing(Path(recipe.output_dir) / "trainer_state.json"):
+        trainer.save_state()  # the whole log history
+    trainer.check_finite_weights()
+    return save_final(trainer, recipe)
+
+
+def save_final(trainer: HarmonTrainer, recipe: Recipe) -> Path:
+    """A normal model folder with its processor and card (the adapter alone with LoRA), written under another name
+    and renamed into place once complete: a folder of that name is always a whole model."""
     final = Path(recipe.output_dir) / ("adapter" if recipe.lora is not None else "final")
-    trainer.save_model(str(final))  # a normal model folder with its processor (or the adapter alone with LoRA)
-    if trainer.args.should_save:  # the main process, which alone writes the folder
-        training_card(final, recipe, trainer.state.global_step).save(final / CARD_FILE)
+    staging = final.with_name(f"{final.name}.incomplete")
+    main = trainer.args.should_save  # the main process, which alone writes the folder
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
+    with writing(final, incomplete=staging if main else None):
+        trainer.save_model(str(staging))
+        if main:
+            training_card(final, recipe, trainer.state.global_step).save(staging / CARD_FILE)
+    if main:
+        replace_folder(staging, final)
+    trainer.accelerator.wait_for_everyone()  # every process returns with the folder in place
     return final
+
+
+def replace_folder(new: Path, old: Path):
+    """Put folder `new` in the place of `old`, removing the folder there (an earlier run's) only once it has moved."""
+    previous = old.with_name(f"{old.name}.previous")
+    if old.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        old.rename(previous)
+    new.rename(old)
+    shutil.rmtree(previous, ignore_errors=True)

@@ -1,17 +1,28 @@
 """HarmonTrainer: transformers' Trainer with Harmon's three task losses, per-module learning rates and task logs."""
 
+import errno
+import json
+import math
 import os
+import pickle
+import re
+import shutil
+import zipfile
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from accelerate.data_loader import IterableDatasetShard
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import Trainer
+from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import rotate_checkpoints
 
 from ..modeling import HarmonForConditionalGeneration
+from ..user_input import first_line
 from .recipe import MODULES, Recipe
 
 
@@ -24,6 +35,59 @@ def latest_complete_checkpoint(output_dir: "str | Path") -> Path:
     if not complete:
         raise ValueError(f"no complete checkpoint to resume from in {output_dir}")
     return max(complete, key=lambda folder: int(folder.name.split("-")[1]))
+
+
+def check_checkpoint(folder: "str | Path"):
+    """Refuse, in one line naming the file, a checkpoint file that resuming would fail on: a pickle holding more than
+    tensors (torch.load(weights_only=True) refuses it), or a corrupt archive, safetensors or JSON file. Reads
+    headers and pickles only: the tensors of an archive are mapped, not read."""
+    for path in sorted(Path(folder).glob("*")):
+        try:
+            if path.suffix in (".pt", ".pth"):
+                with safe_globals():  # numpy's arrays, as Trainer allows them in its rng_state files
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            elif path.suffix == ".safetensors":
+                with safe_open(path, "pt"):
+                    pass
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except pickle.UnpicklingError as error:  # torch's message advises weights_only=False, which is not to be shown
+            found = re.search(r"GLOBAL ([\w.]+)", str(error))
+            asks = f" (it asks for {found.group(1)})" if found else ""
+            raise ValueError(f"cannot resume from {path}: refused, it is not a plain tensor file{asks}") from error
+        except Exception as error:  # any failure to read this one file: it is corrupt
+            raise ValueError(f"cannot resume from {path}: the file is corrupt ({first_line(error)})") from error
+
+
+def write_failure(error: BaseException, folder: Path) -> str | None:
+    """Why a save into `folder` failed when the file system refused it (disk full, file too large, no permission),
+    else None. The writers wrap the OS error: safetensors in "I/O error: <reason> (os error N)", torch.save in an
+    error of its zip writer that gives no reason."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(error))
+    if found:
+        return found.group(1)
+    if "inline_container" in str(error):
+        space = shutil.disk_usage(next(p for p in (folder, *folder.parents) if p.exists())).free
+        return os.strerror(errno.ENOSPC) if space < 2**20 else "the write failed"
+    return None
+
+
+@contextmanager
+def writing(target: Path, incomplete: Path | None = None):
+    """Saving `target`; a file system failure becomes a ValueError of one line. On any failure the folder this save
+    was writing, `incomplete`, is removed: half a model or checkpoint must not pass for one."""
+    try:
+        yield
+    except BaseException as error:
+        if incomplete is not None:
+            shutil.rmtree(incomplete, ignore_errors=True)
+        reason = write_failure(error, target)
+        if reason is None:
+            raise
+        removed = " (the incomplete folder was removed)" if incomplete is not None else ""
+        raise ValueError(f"cannot write {target}: {reason}{removed}") from error
 
 
 def harmon_model(model):
@@ -66,9 +130,11 @@ class HarmonTrainer(Trainer):
     """
 
     def __init__(self, *args, recipe: Recipe, **kwargs):
+        self.recipe = recipe  # before Trainer's __init__, which calls create_accelerator_and_postprocess
         super().__init__(*args, **kwargs)
-        self.recipe = recipe
         self.skipped_samples = Counter()  # bad samples skipped by reason, over the run
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (on_nonfinite: skip)
+        self._step_loss = None  # the loss of the optimizer step under way, summed over its micro-batches
         self._task_loss_sums = defaultdict(float)
         self._task_loss_counts = defaultdict(int)
 
@@ -94,6 +160,9 @@ class HarmonTrainer(Trainer):
             # model's own checkpointing recomputes the same blocks (decoder layers, MAR blocks, the head's blocks)
             # inside FSDP's hooks, so FSDP's switch turns it on instead.
             state.fsdp_plugin.activation_checkpointing, self.args.activation_checkpointing = False, True
+        if state.distributed_type == DistributedType.DEEPSPEED and self.recipe.on_nonfinite == "skip":
+            raise ValueError("training.on_nonfinite: skip does not work under DeepSpeed, which takes the optimizer "
+                             "step inside the backward pass; use stop")
 
     def get_train_dataloader(self):
         dataloader = super().get_train_dataloader()
@@ -119,6 +188,49 @@ class HarmonTrainer(Trainer):
             self._task_loss_sums[task] += loss.detach().float()  # a tensor: no device sync until the next log
             self._task_loss_counts[task] += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)  # after the backward pass
+        self._step_loss = loss if self._step_loss is None else self._step_loss + loss
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Trainer calls this once per optimizer step, right before the step: the place to stop or skip it.
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        self._guard_step(grad_norm)
+        return grad_norm
+
+    def _guard_step(self, grad_norm):
+        """Stop the run (a ValueError) or skip this optimizer step when its loss or its gradient is not finite, the same
+        way on every process: the loss is averaged over them, and the gradient norm is the same everywhere."""
+        loss = float(self.accelerator.reduce(self._step_loss.detach().float(), "mean"))  # non-finite if one is
+        self._step_loss = None
+        values = {"loss": loss}
+        # Under fp16 the gradient scaler skips the steps of inf gradients itself (and lowers its scale); under DeepSpeed
+        # the norm can be unknown (None).
+        if grad_norm is not None and self.accelerator.scaler is None:
+            values["gradient norm"] = float(grad_norm)
+        nonfinite = [name for name, value in values.items() if not math.isfinite(value)]
+        if not nonfinite:
+            return
+        if self.recipe.on_nonfinite == "stop":
+            shown = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
+            raise ValueError(f"non-finite {' and '.join(nonfinite)} at step {self.state.global_step + 1} ({shown}): "
+                             f"training stopped without saving a final model; lower the learning rates, or set "
+                             f"training.on_nonfinite=skip to skip such steps")
+        self.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)  # AdamW leaves a parameter without a gradient untouched
+
+    def check_finite_weights(self):
+        """Refuse (ValueError) weights holding NaN or inf, as a final model must not; under FSDP each process checks
+        its shards and they agree on the count."""
+        model = harmon_model(self.model)
+        names = [name for name, parameter in model.named_parameters()
+                 if not torch.isfinite(parameter.to_local() if hasattr(parameter, "to_local") else parameter).all()]
+        count = int(self.accelerator.reduce(torch.tensor(len(names), device=self.accelerator.device), "sum"))
+        if count:
+            raise ValueError(f"refusing to save the final model: {count} weight tensor(s) hold NaN or inf values "
+                             f"({', '.join(names[:5]) or 'on other processes'}{', ...' if len(names) > 5 else ''})")
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         if not self.is_fsdp_enabled or _internal_call:  # FSDP checkpoints keep their shards, for --resume
@@ -146,13 +258,17 @@ class HarmonTrainer(Trainer):
         # Trainer deletes the checkpoints beyond save_total_limit at the end of its _save_checkpoint, before this one
         # is marked complete: a kill in between would leave nothing to resume from. So rotate after the marker.
         limit, self.args.save_total_limit = self.args.save_total_limit, None
+        run_dir = self._get_output_dir(trial=trial)
+        folder = Path(run_dir) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:  # saving again into a complete checkpoint (a resumed run): not complete meanwhile
+            (folder / CHECKPOINT_COMPLETE).unlink(missing_ok=True)
         try:
-            super()._save_checkpoint(model, trial)
+            with writing(folder, incomplete=folder if self.args.should_save else None):
+                super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
         if self.args.should_save:
-            run_dir = self._get_output_dir(trial=trial)
-            (Path(run_dir) / f"checkpoint-{self.state.global_step}" / CHECKPOINT_COMPLETE).touch()
+            (folder / CHECKPOINT_COMPLETE).touch()
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
@@ -164,4 +280,8 @@ class HarmonTrainer(Trainer):
             self._task_loss_counts.clear()
             for reason, count in self.skipped_samples.items():
                 logs[f"skipped/{reason}"] = count
+            if self.recipe.on_nonfinite == "skip":
+                logs["skipped_steps"] = self.skipped_steps
+            # Trainer has just reset its running loss by subtracting it from itself, which leaves a NaN in place.
+            self._tr_loss.zero_()
         super().log(logs, start_time)

@@ -18,6 +18,20 @@ def answer(pipeline, messages: list[dict], images: list, max_new_tokens: int, st
                    stopping_criteria=stopping_criteria)[0]
 
 
+def check_no_image_markers(conversations: list[list[dict]], marker: str):
+    """Refuse a message whose text holds the image `marker`: the processor would take it for an image's place and
+    find more places than images."""
+    for number, messages in enumerate(conversations, 1):
+        for message in messages:
+            content = message["content"]
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            texts = [part["text"] for part in parts if part["type"] == "text"]
+            if any(marker in text for text in texts):
+                raise ValueError(f"conversation {number}: a {message['role']} message's text holds a literal {marker} "
+                                 f"marker; images are given as {{'type': 'image'}} parts, and the text must not "
+                                 f"contain {marker}")
+
+
 def answers(pipeline, conversations: list[list[dict]], images: list[list], max_new_tokens: int,
             **generate_kwargs) -> list[str]:
     """The assistant's answer to each of `conversations` about its `images` (one list per conversation), generated
@@ -30,9 +44,12 @@ def answers(pipeline, conversations: list[list[dict]], images: list[list], max_n
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not conversations:
+        raise ValueError("conversations must hold at least one conversation, got an empty list")
     if len(images) != len(conversations):
         raise ValueError(f"got {len(images)} image lists for {len(conversations)} conversations: give one each")
     processor, model = pipeline.processor, pipeline.model
+    check_no_image_markers(conversations, processor.image_token)
     texts = [processor.apply_chat_template(messages, add_generation_prompt=True) for messages in conversations]
     # The processor takes the batch's images as one list, in the order of the texts' image markers.
     flat_images = [image for conversation_images in images for image in conversation_images]

@@ -50,8 +50,12 @@ class BenchmarkLayout:
             raise ValueError(f"images per prompt must be at least 1, got {images_per_prompt}")
 
     def image_paths(self, outdir: Path, prompt: BenchmarkPrompt, images_per_prompt: int) -> list[Path]:
-        """The image files of `prompt`: the prompt is done when all of them exist."""
+        """The image files of `prompt`."""
         raise NotImplementedError
+
+    def is_done(self, outdir: Path, prompt: BenchmarkPrompt, images_per_prompt: int) -> bool:
+        """Whether every image file of `prompt` is there and whole."""
+        return all(is_whole_image(path) for path in self.image_paths(outdir, prompt, images_per_prompt))
 
     def arrange(self, samples: list[Image.Image]) -> list[Image.Image]:
         """The images written to `image_paths`, made from the prompt's samples."""
@@ -60,6 +64,18 @@ class BenchmarkLayout:
     def metadata_path(self, outdir: Path, prompt: BenchmarkPrompt) -> Path | None:
         """Where `prompt.metadata` goes, for a layout that keeps it."""
         return None
+
+
+def is_whole_image(path: Path) -> bool:
+    """Whether `path` is an image file that reads to its end: a file cut short (a full disk, a stopped copy) is not."""
+    try:
+        with Image.open(path) as image:
+            image.verify()  # every chunk and its checksum, to the end of the file; it decodes no pixels
+        with Image.open(path) as image:
+            image.load()  # the pixels
+    except (OSError, SyntaxError, Image.DecompressionBombError):  # PIL's damaged PNG chunk is a SyntaxError
+        return False
+    return True
 
 
 def _read_text(path: str | Path, title: str) -> str:

@@ -5,8 +5,8 @@ import json
 import logging
 import os
 import re
+import secrets
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -17,6 +17,7 @@ DPM_SOLVER_STEPS = 20  # diffusion-head steps of `harmon eval --scheduler dpm-so
 # DPM-Solver++ on the cosine schedule starts where alpha is ~5e-5 and its x_0 estimate explodes; diffusers' remedy
 # is to start from the step where lambda = log(alpha / sigma) reaches this value (its documented value for cosine).
 DPM_SOLVER_LAMBDA_MIN = -5.1
+SEED_LIMIT = 2**64  # torch's generators take the seeds 0 <= seed < 2**64
 
 
 # With torchao installed (the `quantization` extra), importing torch's and diffusers' integrations logs warnings that
@@ -30,15 +31,11 @@ class CommandError(Exception):
 
 
 def open_image(path: str):
-    from PIL import Image
+    from .images import open_image as read_checked_image
 
     if not Path(path).is_file():
         raise CommandError(f"no such file: {path}")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
-        raise CommandError(f"not an image: {path} ({error})") from error
+    return read_checked_image(path, name=path)
 
 
 def parse_size(text: str | None) -> tuple[int | None, int | None]:
@@ -79,20 +76,35 @@ def check_output(path: Path):
 
 def atomic_write(path: Path, write):
     """Call `write(file)` on a temporary file of its own beside `path`, then rename it to `path`, so that neither an
-    interrupted run nor another process writing the same file leaves a partial one."""
+    interrupted run nor another process writing the same file leaves a partial one. The file gets the mode that a plain
+    open() gives (0666 less the umask), so that a scorer running as another user can read it."""
+    from .user_input import cannot_write
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        descriptor, temporary = _new_partial_file(path)
     except OSError as error:
-        raise CommandError(f"cannot write {path}: {error.strerror}") from error
+        raise CommandError(cannot_write(path, error)) from error
     try:
         with os.fdopen(descriptor, "wb") as file:
             write(file)
         os.replace(temporary, path)
     except OSError as error:
-        raise CommandError(f"cannot write {path}: {error.strerror or error}") from error
+        raise CommandError(cannot_write(path, error)) from error
     finally:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
+
+
+def _new_partial_file(path: Path) -> tuple[int, Path]:
+    """A new empty file beside `path`, open for writing, and its path. Created as open() creates files, so the kernel
+    applies the umask (mkstemp's files are 0600 whatever the umask)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.partial")
+        try:
+            return os.open(temporary, flags, 0o666), temporary
+        except FileExistsError:  # another writer's partial file drew the same name
+            continue
 
 
 def atomic_save(image, path: Path):
@@ -114,6 +126,26 @@ def _generator(seed: int):
     import torch
 
     return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def seed_argument(text: str) -> int:
+    """argparse's type of --seed: an integer that torch's generators take as it is (they refuse 2**64 and more, with
+    "Overflow when unpacking long long", and take a negative seed as 2**64 - 1 + seed: the same images as another)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = None
+    if seed is None or not 0 <= seed < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**64 - 1 ({SEED_LIMIT - 1}), got {text!r}")
+    return seed
+
+
+def check_seed_span(seed: int, count: int, what: str):
+    """Refuse a --seed that torch takes but whose `count` seeds seed, seed + 1, ... (one per `what`) run past its
+    range, before the model loads rather than hours of images later."""
+    if seed + count > SEED_LIMIT:
+        raise CommandError(f"--seed {seed} leaves too few seeds for {count} {what}: they use --seed to --seed + "
+                           f"{count - 1}, and torch's seeds end at 2**64 - 1 (--seed at most {SEED_LIMIT - count})")
 
 
 def check_preset(name: str | None):
@@ -169,10 +201,8 @@ def generate_in_layout(args, layout, run_record: bool = False):
 
     Prompt i uses seed `--seed + i`, so the images do not depend on how the prompts are split between processes
     (`accelerate launch --multi_gpu --num_processes N -m harmon_hf.cli ...` shards them by index); a prompt whose
-    images all exist is skipped, and every file is written atomically. With `run_record`, the main process writes
-    OUTDIR/run.json: the model, the sampling settings, the counts, the seconds per image of the images this run
-    generated (all processes), the machine and the library versions; images are counted as samples (a DPG-Bench
-    grid holds 4).
+    images all decode whole is skipped, and every file is written atomically. With `run_record`, the main process
+    writes OUTDIR/run.json (`_write_run_record`) when this run generated images, or when it is missing.
     """
     import time
 
@@ -184,11 +214,11 @@ def generate_in_layout(args, layout, run_record: bool = False):
     prompts = layout.read_prompts(args.prompts)
     kwargs = _generation_kwargs(args)
     layout.check_sampling(args.n, kwargs["height"], kwargs["width"])
+    check_seed_span(args.seed, len(prompts), "prompts")
     state = PartialState(cpu=not torch.cuda.is_available())  # without GPUs, processes still form a (gloo) group
     outdir = Path(args.outdir)
     mine = [index for index in range(len(prompts)) if index % state.num_processes == state.process_index]
-    todo = [index for index in mine
-            if not all(path.is_file() for path in layout.image_paths(outdir, prompts[index], args.n))]
+    todo = [index for index in mine if not layout.is_done(outdir, prompts[index], args.n)]
     seconds, settings = 0.0, None
     if todo:
         pipeline = _load(args)
@@ -214,30 +244,46 @@ def generate_in_layout(args, layout, run_record: bool = False):
     generated = sum(run["images"] for run in runs)
     if generated == 0:
         print(f"all {len(prompts)} prompts are already done in {outdir}")
-    elif run_record:
-        import transformers
+    record_path = outdir / "run.json"
+    if run_record and (generated or not record_path.is_file()):
+        _write_run_record(args, runs, kwargs, len(prompts), state, record_path)
 
-        from .benchmarks import machine_description
-        from .loading import choose_model
 
-        record = {
-            "benchmark": args.benchmark,
-            "prompts_file": str(args.prompts),
-            "model": choose_model(args.model),
-            "sampling": next(run["settings"] for run in runs if run["settings"] is not None),
-            "images_per_prompt": args.n,
-            "seed": args.seed,
-            "prompts": len(prompts),
-            "images": len(prompts) * args.n,
-            "generated_images": generated,
-            "processes": state.num_processes,
-            # one process's time per image: with N processes, N images are made in about this time
-            "seconds_per_image": sum(run["seconds"] for run in runs) / generated,
-            "machine": machine_description(state.device),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        }
-        atomic_write_text(json.dumps(record, indent=2) + "\n", outdir / "run.json")
+def _write_run_record(args, runs: list[dict], kwargs: dict, prompt_count: int, state, path: Path):
+    """Write `path` (OUTDIR/run.json): the model, the sampling settings, the counts, the seconds per image of the
+    images this run generated (all processes), the machine and the library versions; images are counted as samples (a
+    DPG-Bench grid holds 4). A run that found every image made but no record (the run that made them stopped before
+    writing it) writes one with the settings of its own arguments, 0 generated images and no timing."""
+    import torch
+    import transformers
+
+    from .benchmarks import machine_description
+    from .loading import choose_model
+
+    generated = sum(run["images"] for run in runs)
+    settings = next((run["settings"] for run in runs if run["settings"] is not None), None)
+    if settings is None:  # nothing generated: the model's defaults fill in what the arguments leave open
+        settings = _sampling_settings(_load(args).to(state.device), kwargs, args)
+    record = {
+        "benchmark": args.benchmark,
+        "prompts_file": str(args.prompts),
+        "model": choose_model(args.model),
+        "sampling": settings,
+        "images_per_prompt": args.n,
+        "seed": args.seed,
+        "prompts": prompt_count,
+        "images": prompt_count * args.n,
+        "generated_images": generated,
+        "processes": state.num_processes,
+        # one process's time per image: with N processes, N images are made in about this time
+        "seconds_per_image": sum(run["seconds"] for run in runs) / generated if generated else None,
+        "machine": machine_description(state.device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    atomic_write_text(json.dumps(record, indent=2) + "\n", path)
+    if not generated:
+        print(f"wrote the missing {path}")
 
 
 def _sampling_settings(pipeline, kwargs: dict, args) -> dict:
@@ -346,6 +392,7 @@ def _evaluate(args):
 
     if args.n < 5:
         raise CommandError(f"--n must be at least 5 (one sample per category), got {args.n}")
+    check_seed_span(args.seed, args.n, "samples")
     check_preset(args.preset)
     pipeline = _load(args)
     sampling = {"num_inference_steps": args.steps, "preset": args.preset}
@@ -443,7 +490,8 @@ def _load(args):
 
 
 def _add_sampling_arguments(parser, images_per_prompt: int | None = 1, images_help: str = "images per prompt (1)"):
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same image (0)")
+    parser.add_argument("--seed", type=seed_argument, default=0,
+                        help="random seed, 0 to 2**64 - 1; the same seed gives the same image (0)")
     parser.add_argument("--size", help="image size in pixels, N or HxW, multiples of 16 (the model's default)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (the model's default, 3.0 "
                                                        "for the releases)")
@@ -540,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_argument(shapes_eval)
     shapes_eval.add_argument("--n", type=int, default=200, help="samples for generation and for understanding (200)")
     shapes_eval.add_argument("--json", help="also write the scores to this JSON file")
-    shapes_eval.add_argument("--seed", type=int, default=0, help="seed of the test cases and the sampling (0)")
+    shapes_eval.add_argument("--seed", type=seed_argument, default=0,
+                             help="seed of the test cases and the sampling (0)")
     shapes_eval.add_argument("--rounds", type=int, help="masked-autoregressive rounds (the pipeline's default)")
     shapes_eval.add_argument("--steps", type=int, help="diffusion-head steps (the model's default)")
     _add_preset_argument(shapes_eval)
@@ -589,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--output", default="runs/harmon-shapes/init", help="folder to write (runs/harmon-shapes/init)")
     shapes.add_argument("--vae-steps", type=int, help="autoencoder training steps (default: "
                                                      "harmon_hf.shapes.vae.VAE_STEPS)")
-    shapes.add_argument("--seed", type=int, default=0, help="seed (0)")
+    shapes.add_argument("--seed", type=seed_argument, default=0, help="seed (0)")
     shapes.set_defaults(run=_shapes)
 
     convert = commands.add_parser(

@@ -9,15 +9,19 @@ a shape the configuration contradicts or (unless allowed) a NaN or inf stops the
 """
 
 import json
+import os
 import pickle
 import re
+import shutil
+import stat
+import tempfile
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
 
 from .model_card import CARD_FILE, conversion_card
-from .user_input import first_line, unwritable_folder
+from .user_input import cannot_write, first_line, system_error, unwritable_folder
 from .modeling import HarmonConfig, HarmonForConditionalGeneration, HarmonImageProcessor, HarmonProcessor
 from .modeling.configuration_harmon import QWEN2_5_0_5B_INSTRUCT
 
@@ -472,11 +476,66 @@ def convert(
     if processor is not None:  # `generate` ends an answer at the end of the turn, or of the text
         model.generation_config.eos_token_id = processor.end_token_ids
     if output is not None:
-        try:
-            model.save_pretrained(output, max_shard_size=max_shard_size)
+        card = conversion_card(output, checkpoint, vae, release, dtype, processor is not None)
+
+        def save(folder: Path):
+            model.save_pretrained(folder, max_shard_size=max_shard_size)
             if processor is not None:
-                processor.save_pretrained(output)
-            conversion_card(output, checkpoint, vae, release, dtype, processor is not None).save(output / CARD_FILE)
-        except OSError as error:  # a full disk, or a folder made unwritable since the check
-            raise ValueError(f"cannot write {output}: {error.strerror or error}") from error
+                processor.save_pretrained(folder)
+            card.save(folder / CARD_FILE)
+
+        write_folder(output, save)
     return model
+
+
+# The weight files that `save_pretrained` writes: one file, or shards and their index.
+WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+
+
+def write_folder(output: Path, save):
+    """Call `save(folder)` on a new folder, then put what it wrote in place: the folder itself where `output` does not
+    exist yet, else its files, which replace an earlier save's (whose weight files all go). A save that fails (a full
+    disk, a file size limit) leaves nothing that a loader could take for a model; a ValueError says why."""
+    new = not os.path.lexists(output)
+    try:
+        if new:
+            output.parent.mkdir(parents=True, exist_ok=True)
+        # beside a new folder, inside an existing one: where the checks found it writable, on its file system
+        staging = Path(tempfile.mkdtemp(dir=output.parent if new else output, prefix=f".{output.name}.",
+                                        suffix=".partial"))
+    except OSError as error:
+        raise ValueError(cannot_write(output, error)) from error
+    try:
+        built = staging / output.name
+        built.mkdir()  # as a plain mkdir, with the umask's mode: mkdtemp's folder is 0700, for this user alone
+        save(built)
+        _give_plain_modes(built)
+        if new:
+            os.replace(built, output)
+        else:
+            _move_files(built, output)
+    except Exception as error:
+        cause = system_error(error)  # safetensors and tokenizers raise errors of their own for the system's
+        if cause is None:
+            raise
+        raise ValueError(cannot_write(output, cause)) from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _give_plain_modes(folder: Path):
+    """Give the files in `folder` the mode that open() gives (0666 less the umask; safetensors writes its files 0600,
+    which other users cannot read): the mode of the folder, made by a plain mkdir (0777 less the umask), less its x."""
+    mode = stat.S_IMODE(folder.stat().st_mode) & 0o666
+    for file in folder.iterdir():
+        file.chmod(mode)
+
+
+def _move_files(built: Path, output: Path):
+    """Move the files of `built` into the folder `output`, after removing the weight files of an earlier save (a single
+    file would be loaded instead of new shards), config.json last: a move cut short leaves no loadable mix."""
+    for stale in output.iterdir():
+        if WEIGHT_FILE.fullmatch(stale.name):
+            stale.unlink()
+    for file in sorted(built.iterdir(), key=lambda file: file.name == "config.json"):
+        os.replace(file, output / file.name)

@@ -5,22 +5,25 @@ other launcher share both. The model is a loaded `HarmonPipeline`, a folder or H
 `$HARMON_MODEL`, else the bundled model.
 """
 
+import ctypes
+import io
 import queue
 import random
 import threading
+from abc import ABCMeta
 from pathlib import Path
 from typing import NamedTuple
 
 import gradio as gr
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import torch
 from gradio.utils import get_upload_folder, is_in_or_equal
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .answering import answer, image_question
+from .images import open_image, opened_image
 from .loading import load_pipeline
 from .modeling import SAMPLING_PRESETS, HarmonPipeline
 
@@ -37,8 +40,9 @@ MAX_UPLOAD_SIZE = "10mb"
 # a 100,000-character prompt took a server to 6.3 GB. The model refuses what exceeds its positions on top of this.
 MAX_PROMPT_CHARACTERS = 1000  # a prompt, a negative prompt, a question
 MAX_CONVERSATION_CHARACTERS = 8000  # a chat's earlier turns and the new question together
-# A picture of more pixels is refused before it is decoded (a small file can declare a huge image).
-MAX_INPUT_PIXELS = 4096 * 4096
+# glibc's mallopt parameter, and the block size from which memory goes back to the system when freed.
+M_MMAP_THRESHOLD = -3
+LARGE_BLOCK_BYTES = 8 * 2**20
 # Requests waiting beyond this many are turned away with "queue full" rather than waiting for minutes.
 MAX_QUEUE_SIZE = 32
 # Gradio shows an image at its own size at most (object-fit: scale-down): a 48 px one would be a dot in its box.
@@ -77,14 +81,7 @@ def _read_uploaded_image(payload) -> PIL.Image.Image | None:
         return None
     if payload.path is None or not is_in_or_equal(payload.path, get_upload_folder()):
         raise _user_error("Upload the image: only files uploaded to this app are read.")
-    try:
-        with PIL.Image.open(payload.path) as image:
-            if image.width * image.height > MAX_INPUT_PIXELS:  # checked from the header, before decoding
-                raise _user_error(f"The image is {image.width}x{image.height} pixels; at most {MAX_INPUT_PIXELS:,} "
-                                  "pixels are accepted.")
-            return PIL.ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, PIL.Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
-        raise _user_error(f"The file is not an image this app can read ({type(error).__name__}).") from None
+    return _user_input(open_image, payload.path)
 
 
 def _read_text_conversation(payload) -> list[dict]:
@@ -101,12 +98,18 @@ def _read_text_conversation(payload) -> list[dict]:
     return turns
 
 
-def _uploaded_image(**options) -> gr.Image:
-    """A `gr.Image` that reads requests with `_read_uploaded_image`. (Set on the instance: a subclass of a Gradio
-    component makes Gradio write a .pyi file beside this module at import.)"""
-    image = gr.Image(type="pil", **options)
-    image.preprocess = _read_uploaded_image
-    return image
+def _reading_with(component_class: type, preprocess) -> type:
+    """A subclass of a Gradio component whose requests are read by `preprocess(component, payload)`. On the class,
+    not an instance: an example's click makes Gradio build the session's own copy from the class.
+
+    It keeps the component's name, module and block name, by which Gradio tells its own components (served by the
+    page's code) from custom ones and picks their code (a template such as ImageMask is its base's, ImageEditor's);
+    and it is built past `ComponentMeta.__new__`, whose only other work concerns classes that declare events or
+    `__init__`: it would write a .pyi stub beside this module."""
+    served_as = component_class.__base__ if hasattr(component_class, "is_template") else component_class
+    return ABCMeta.__new__(type(component_class), component_class.__name__, (component_class,),
+                           {"preprocess": preprocess, "__module__": component_class.__module__,
+                            "get_block_name": lambda component: served_as.__name__.lower()})
 
 
 class StopButton:
@@ -220,14 +223,60 @@ class _StopWhen(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
 
 
-def _painted_mask(editor: dict, size: tuple[int, int]) -> PIL.Image.Image:
-    """White wherever the editor's layers have paint, at `size` (width, height). The box filter keeps a thin stroke:
-    a pixel is white if any painted pixel falls in it, so its patch is regenerated as the brush showed."""
-    painted = np.zeros(editor["background"].size[::-1], dtype=bool)
-    for layer in editor["layers"]:
-        painted |= np.asarray(layer.convert("RGBA").getchannel("A")) > 0
+def _read_image_editor(editor: gr.ImageEditor, payload) -> dict | None:
+    """The inpainting editor's reading of a request: {"background": the image in RGB, "painted": (H, W) bool, where
+    any layer has paint}. The page sends the canvas as blobs (kept by the editor under the payload's id), an API
+    client as uploaded files, read only from the upload folder; either is checked as `open_image` does before it is
+    decoded, and a layer must be the image's size."""
+    if payload is None:
+        return None
+    if payload.id is not None:
+        blobs = editor.blob_storage.pop(payload.id, None)
+        background = io.BytesIO(blobs.background) if blobs and blobs.background else None
+        layers = [io.BytesIO(layer) for layer in blobs.layers if layer] if blobs else []
+    else:
+        background, layers = payload.background, payload.layers
+        for file in [background, *layers]:
+            if file is not None and (file.path is None or not is_in_or_equal(file.path, get_upload_folder())):
+                raise _user_error("Upload the image: only files uploaded to this app are read.")
+        background, layers = background and background.path, [layer.path for layer in layers]
+    if background is None:
+        return None
+    image = _user_input(open_image, background)
+    painted = np.zeros(image.size[::-1], dtype=bool)
+    for source in layers:
+        painted |= _user_input(_layer_paint, source, image.size)
+    return {"background": image, "painted": painted}
+
+
+def _layer_paint(source, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: where the editor's layer file `source` has paint; it must be `size` (width, height)."""
+    with opened_image(source, "the painted layer") as layer:
+        if layer.size != size:
+            raise ValueError(f"it is {layer.width}x{layer.height} pixels but the image is {size[0]}x{size[1]}: they "
+                             "must be the same size")
+        return np.asarray(layer.convert("RGBA").getchannel("A")) > 0
+
+
+def _user_input(read, *args):
+    """`read(*args)`, its ValueError (what was wrong with the user's file) shown in the page."""
+    try:
+        return read(*args)
+    except ValueError as error:
+        message = str(error)
+        raise _user_error(f"{message[0].upper()}{message[1:]}.") from None
+
+
+def _painted_mask(painted: np.ndarray, size: tuple[int, int]) -> PIL.Image.Image:
+    """White wherever `painted` (H, W) is, at `size` (width, height). The box filter keeps a thin stroke: a pixel is
+    white if any painted pixel falls in it, so its patch is regenerated as the brush showed."""
     mask = PIL.Image.fromarray(painted.astype(np.uint8) * 255).resize(size, resample=PIL.Image.BOX)
     return mask.point(lambda value: 255 if value else 0)
+
+
+UploadedImage = _reading_with(gr.Image, lambda image, payload: _read_uploaded_image(payload))
+TextChatbot = _reading_with(gr.Chatbot, lambda chat, payload: _read_text_conversation(payload))
+CheckedImageMask = _reading_with(gr.ImageMask, _read_image_editor)
 
 
 class SamplingSettings(NamedTuple):
@@ -277,9 +326,9 @@ class HarmonDemo:
         """Yields (image, seed): the editor's background with its painted part regenerated."""
         if not editor or editor["background"] is None:
             raise _user_error("Upload an image, then paint over the part to regenerate.")
-        image = editor["background"].convert("RGB")
+        image = editor["background"]
         height, width = self._inpainting_size(image)
-        mask = _painted_mask(editor, (width, height))
+        mask = _painted_mask(editor["painted"], (width, height))
         if mask.getbbox() is None:
             raise _user_error("Paint over the part of the image to regenerate with the brush.")
         seed = self._seed(seed, randomize_seed)
@@ -406,13 +455,12 @@ class HarmonDemo:
     def _understand_tab(self):
         with gr.Row():
             with gr.Column(scale=2):
-                image = _uploaded_image(label="Image", sources=["upload", "clipboard"], height=320,
+                image = UploadedImage(type="pil", label="Image", sources=["upload", "clipboard"], height=320,
                                         elem_id="chat-image")
                 max_new_tokens = gr.Slider(16, MAX_NEW_TOKENS, value=DEFAULT_NEW_TOKENS, step=1, precision=0,
                                            label="Longest answer (tokens)", elem_id="max-new-tokens")
             with gr.Column(scale=3):
-                chat = gr.Chatbot(label="Conversation", elem_id="chat")
-                chat.preprocess = _read_text_conversation  # see _uploaded_image for why on the instance
+                chat = TextChatbot(label="Conversation", elem_id="chat")
                 question = gr.Textbox(label="Question", placeholder="What is in the image?",
                                       max_length=MAX_PROMPT_CHARACTERS, elem_id="question")
                 ask, stop = _run_and_stop_buttons("understand", "Ask")
@@ -425,9 +473,8 @@ class HarmonDemo:
     def _inpaint_tab(self):
         with gr.Row():
             with gr.Column():
-                editor = gr.ImageMask(type="pil", label="Image: paint over what to regenerate",
-                                      sources=["upload", "clipboard"], layers=False, transforms=(),
-                                      elem_id="inpaint-editor")
+                editor = CheckedImageMask(label="Image: paint over what to regenerate", sources=["upload", "clipboard"],
+                                          layers=False, transforms=(), elem_id="inpaint-editor")
                 prompt = gr.Textbox(label="Prompt", placeholder="a purple triangle", max_length=MAX_PROMPT_CHARACTERS,
                                     elem_id="inpaint-prompt")
                 run, stop = _run_and_stop_buttons("inpaint", "Inpaint")
@@ -503,10 +550,20 @@ def build_demo(model: HarmonPipeline | str | None = None) -> gr.Blocks:
     return HarmonDemo(pipeline).blocks()
 
 
+def _give_large_blocks_back_when_freed():
+    """Have glibc map every block of 8 MiB or more on its own, so that freeing it gives it back to the system: by
+    default the threshold grows to the largest block freed, and the heap then keeps a large image's memory (a server
+    stayed 225 MB above idle after one 4096 x 4096 inpainting)."""
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "mallopt"):  # glibc; other C libraries keep their own policy
+        libc.mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES)
+
+
 def launch(model: HarmonPipeline | str | None = None, host: str = "127.0.0.1", port: int = 7860,
            **options) -> gr.Blocks:
     """Serves the demo at http://host:port. `options` go to `gr.Blocks.launch` (`prevent_thread_lock=True` returns
     at once, with the app running in the background)."""
+    _give_large_blocks_back_when_freed()
     demo = build_demo(model)
     demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD_SIZE, css=PAGE_CSS, **options)
     return demo

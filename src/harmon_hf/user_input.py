@@ -1,8 +1,14 @@
 """Telling what is wrong with a path, a model name or an error, in one line: shared by the `harmon` command, the
 converter and training."""
 
+import errno
 import os
+import re
 from pathlib import Path
+
+
+# The errors of a write that found no room: a full disk or quota, or a file size limit (`ulimit -f`).
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def first_line(error: BaseException) -> str:
@@ -22,3 +28,19 @@ def unwritable_folder(path: Path) -> Path | None:
     write in, else None. Raises OSError when a folder on the way may not be searched."""
     folder = next(candidate for candidate in (path, *path.parents) if candidate.exists())
     return None if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK) else folder
+
+
+def system_error(error: BaseException) -> OSError | None:
+    """The operating system's error behind `error`: itself for an OSError, the "(os error N)" that ends the message of
+    a Rust library's error (safetensors, tokenizers, which raise no OSError), else None: not the system's doing."""
+    if isinstance(error, OSError):
+        return error
+    match = re.search(r"\(os error (\d+)\)$", str(error).strip())
+    return None if match is None else OSError(int(match[1]), os.strerror(int(match[1])))
+
+
+def cannot_write(path, error: OSError) -> str:
+    """One line on why `path` could not be written, saying it plainly when there was no room for it."""
+    if error.errno in NO_ROOM:
+        return f"cannot write {path}: the disk is full or a file size limit was reached ({error.strerror})"
+    return f"cannot write {path}: {error.strerror or error}"

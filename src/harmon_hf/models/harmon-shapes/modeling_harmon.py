@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import (AutoModel, GenerationConfig, GenerationMixin, LogitsProcessor, LogitsProcessorList,
+                          PreTrainedModel)
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -53,6 +54,10 @@ RELEASE_IMAGE_GENERATION = {
 REMOTE_CODE_AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForMultimodalLM")
 # Upper bound on the diffusion head's precomputed modulations during sampling (elements; 64 MB in float32).
 MODULATION_BUFFER_ELEMENTS = 16 * 2**20
+# Names of non-finite weight tensors that a load's error lists, of however many.
+NONFINITE_NAMES_SHOWN = 5
+# The arguments of `from_pretrained` that locate a folder's files: its generation config is read with them.
+FILE_ARGUMENTS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -462,6 +467,98 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def check_sampling_settings(**settings):
+    """Refuse image generation settings, given by name (those of `RELEASE_IMAGE_GENERATION` and
+    num_inference_steps), outside the sampler's rules; each message names the setting and the value."""
+    for name, value in settings.items():
+        if name in ("num_iter", "num_inference_steps"):
+            if not _is_integer(value) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        elif name == "guidance_scale":
+            if not _is_real(value) or not math.isfinite(value):
+                raise ValueError(f"guidance_scale must be a finite number, got {value!r}")
+        elif name == "temperature":
+            if not _is_real(value) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"temperature must be a finite number >= 0, got {value!r}")
+        elif name == "guidance_schedule":
+            if value not in GUIDANCE_SCHEDULES:
+                raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {value!r}")
+        elif name == "preset":
+            sampling_preset(value)
+        else:
+            raise ValueError(f"unknown image generation setting {name!r}: the settings are "
+                             f"{sorted([*RELEASE_IMAGE_GENERATION, 'num_inference_steps'])}")
+
+
+def check_generator(generator):
+    """`generate_images`' randomness: None, a torch.Generator, or a list of them (one per image)."""
+    for one in generator if isinstance(generator, list) else [generator]:
+        if generator is not None and not isinstance(one, torch.Generator):
+            where = " in the list" if isinstance(generator, list) else ""
+            raise ValueError(f"generator must be a torch.Generator or a list of them (one per image), "
+                             f"got {one!r}{where}")
+
+
+def check_generation_config(generation_config: GenerationConfig):
+    """Refuse a generation config whose numbers break generation: NaN or inf anywhere (a NaN guidance_scale makes
+    every answer '!!!!'), or `image_generation` defaults outside the sampler's rules."""
+    for name, value in generation_config.to_dict().items():
+        if _is_real(value) and not math.isfinite(value):
+            raise ValueError(f"the generation config's {name} must be a finite number, got {value!r}")
+    saved = getattr(generation_config, "image_generation", None) or {}
+    if not isinstance(saved, dict):
+        raise ValueError(f"the generation config's image_generation must map settings to values, got {saved!r}")
+    try:
+        check_sampling_settings(**saved)
+    except ValueError as error:
+        raise ValueError(f"the generation config's image_generation: {error}") from None
+
+
+def saved_generation_config(source, from_pretrained_kwargs: dict) -> GenerationConfig | None:
+    """The generation config that `from_pretrained(source, **from_pretrained_kwargs)` will load, or None where the
+    folder or Hub repository has none."""
+    if source is None or from_pretrained_kwargs.get("generation_config") is not None:
+        return from_pretrained_kwargs.get("generation_config")
+    location = {name: from_pretrained_kwargs[name] for name in FILE_ARGUMENTS if name in from_pretrained_kwargs}
+    try:
+        return GenerationConfig.from_pretrained(source, **location)
+    except OSError:  # no generation_config.json: the model's defaults, which are valid
+        return None
+
+
+def nonfinite_tensors(named_tensors) -> list[str]:
+    """The names of the floating-point tensors that hold NaN or inf. Each is summed in float32 first, one pass
+    without a copy (60 times faster than `isfinite().all()`); a sum can go non-finite by overflow alone, so only
+    then are its elements checked. Tensor subclasses (quantized or sharded weights) and offloaded (meta) tensors
+    are left out."""
+    names = []
+    for name, tensor in named_tensors:
+        data = tensor.data
+        if type(data) is not torch.Tensor or not data.is_floating_point() or data.is_meta:
+            continue
+        if not torch.isfinite(data.sum(dtype=torch.float32)) and not torch.isfinite(data).all():
+            names.append(name)
+    return names
+
+
+def refuse_nonfinite_image(tensor: torch.Tensor, what: str):
+    """Raise where `tensor` holds NaN or inf: the image it would make is black, with no word of why."""
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"image generation produced NaN or inf {what}: the model's weights hold non-finite values "
+                         "or overflow in its dtype (in float16: load it in bfloat16 or float32)")
+
+
+class HarmonNonFiniteLogitsCheck(LogitsProcessor):
+    """Raises where a step's scores hold NaN or +inf (-inf is how other processors rule tokens out): greedy
+    decoding would otherwise pick token 0 at every step and answer '!!!!'."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if not (scores < math.inf).all():  # false for NaN and +inf alone
+            raise ValueError("text generation produced NaN or inf logits: the model's weights hold non-finite values "
+                             "or overflow in its dtype (in float16: load it in bfloat16 or float32)")
+        return scores
+
+
 @dataclass(frozen=True)
 class HarmonSamplingPreset:
     """How much of the reference sampler's compute to spend: each field is one training-free technique, so that each
@@ -629,6 +726,25 @@ class HarmonPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _can_compile_fullgraph = True  # generate's decoding steps with a static cache trace as one graph
+
+    @classmethod
+    def from_pretrained(cls, *args, allow_nonfinite_weights: bool = False, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing weights that hold NaN or inf (from a diverged run, a bad merge
+        or a corrupt copy) unless `allow_nonfinite_weights=True`."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if kwargs.get("output_loading_info") else loaded
+        if not allow_nonfinite_weights:
+            model.check_finite_weights()
+        return loaded
+
+    def check_finite_weights(self):
+        """Raise where a weight holds NaN or inf: such a model generates black images and answers '!!!!'."""
+        names = nonfinite_tensors(self.named_parameters())
+        if names:
+            shown = ", ".join(names[:NONFINITE_NAMES_SHOWN]) + (", ..." if len(names) > NONFINITE_NAMES_SHOWN else "")
+            raise ValueError(f"{len(names)} weight tensor(s) hold NaN or inf values ({shown}): they would generate "
+                             "black images and '!!!!' answers; pass allow_nonfinite_weights=True to from_pretrained "
+                             "to load them anyway")
 
     def _initialize_weights(self, module, is_custom_code: bool = False):
         # transformers skips modules without parameters of their own in remote code, in case their init writes
@@ -998,6 +1114,20 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         self.generation_config.image_generation = self.image_generation_defaults
         self.generation_config._from_model_config = False
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Also refuses, before the weights are loaded, a generation config (the folder's, or `generation_config`)
+        whose numbers break generation (`check_generation_config`)."""
+        generation_config = saved_generation_config(pretrained_model_name_or_path, kwargs)
+        if generation_config is not None:
+            check_generation_config(generation_config)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def generate(self, *args, logits_processor=None, **kwargs):
+        """`GenerationMixin.generate`, raising where the logits go NaN or inf instead of answering '!!!!'."""
+        checked = LogitsProcessorList([*(logits_processor or []), HarmonNonFiniteLogitsCheck()])
+        return super().generate(*args, logits_processor=checked, **kwargs)
+
     @property
     def image_generation_defaults(self) -> dict:
         """The settings `generate_images` (and the pipeline, the `harmon` command and the demo) use where a call
@@ -1134,21 +1264,17 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
         guidance_schedule: str,
         temperature: float,
         num_inference_steps: int,
+        generator=None,
     ):
         """Refuse, before any compute, settings that the sampler cannot honour; each message names the value."""
         stride = self.config.vae_stride
         for name, value in (("height", height), ("width", width)):
             if not _is_integer(value) or value <= 0 or value % stride:
                 raise ValueError(f"{name} must be a positive multiple of {stride}, got {value!r}")
-        for name, value in (("num_iter", num_iter), ("num_inference_steps", num_inference_steps)):
-            if not _is_integer(value) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not _is_real(guidance_scale) or not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-        if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+        check_sampling_settings(num_iter=num_iter, num_inference_steps=num_inference_steps,
+                                guidance_scale=guidance_scale, temperature=temperature,
+                                guidance_schedule=guidance_schedule)
+        check_generator(generator)
         # The image's tokens and buffer slots follow the prompt in the LLM, so the size is bounded by its positions.
         num_image_positions = (height // stride) * (width // stride) + self.config.buffer_size
         self.model.check_positions(
@@ -1209,7 +1335,7 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
             raise ValueError("give the prompts as input_ids or as inputs_embeds, not both")
         prompts = input_ids if input_ids is not None else inputs_embeds
         self.check_image_generation(prompts.shape[1], height, width, num_iter, guidance_scale, guidance_schedule,
-                                    temperature, num_inference_steps)
+                                    temperature, num_inference_steps, generator)
         head = self.model.diffusion_head
         if scheduler is None:
             scheduler = head.make_sampling_scheduler(num_inference_steps)
@@ -1235,6 +1361,7 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
                     noise_now = None if state.noise is None else state.noise[to_predict].reshape(batch, -1, channels)
                     sampled = self._sample_tokens(conditions, scheduler, round_guidance, temperature, generator,
                                                   noise_now, steps)
+                    refuse_nonfinite_image(sampled, f"latents in round {round_index + 1} of {num_rounds}")
                     state.tokens[to_predict] = sampled.flatten(0, 1).to(state.tokens.dtype)
                 state.mask = mask_next
                 if callback is not None:
@@ -1242,7 +1369,9 @@ class HarmonForConditionalGeneration(HarmonPreTrainedModel, GenerationMixin):
                     state.tokens = state.tokens if replaced is None else replaced
             if output_type == "latent":
                 return state.latents
-            return self.decode_latents(state.latents).float()
+            pixels = self.decode_latents(state.latents).float()
+            refuse_nonfinite_image(pixels, "pixels in the VAE's decoding")
+            return pixels
 
     def _start_image_generation(self, input_ids, inputs_embeds, attention_mask, height, width, guidance_scale,
                                 generator, image_latents, mask, noise, reuses_guidance: bool) -> HarmonGenerationState:
