@@ -22,7 +22,8 @@ from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import rotate_checkpoints
 
 from ..modeling import HarmonForConditionalGeneration
-from ..user_input import first_line
+from ..modeling.modeling_harmon import nonfinite_tensors
+from ..user_input import first_line, system_error
 from .recipe import MODULES, Recipe
 
 
@@ -63,11 +64,9 @@ def write_failure(error: BaseException, folder: Path) -> str | None:
     """Why a save into `folder` failed when the file system refused it (disk full, file too large, no permission),
     else None. The writers wrap the OS error: safetensors in "I/O error: <reason> (os error N)", torch.save in an
     error of its zip writer that gives no reason."""
-    if isinstance(error, OSError):
-        return error.strerror or str(error)
-    found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(error))
-    if found:
-        return found.group(1)
+    system = system_error(error)
+    if system is not None:
+        return system.strerror or str(system)
     if "inline_container" in str(error):
         space = shutil.disk_usage(next(p for p in (folder, *folder.parents) if p.exists())).free
         return os.strerror(errno.ENOSPC) if space < 2**20 else "the write failed"
@@ -225,8 +224,8 @@ class HarmonTrainer(Trainer):
         """Refuse (ValueError) weights holding NaN or inf, as a final model must not; under FSDP each process checks
         its shards and they agree on the count."""
         model = harmon_model(self.model)
-        names = [name for name, parameter in model.named_parameters()
-                 if not torch.isfinite(parameter.to_local() if hasattr(parameter, "to_local") else parameter).all()]
+        names = nonfinite_tensors((name, parameter.to_local() if hasattr(parameter, "to_local") else parameter)
+                                  for name, parameter in model.named_parameters())
         count = int(self.accelerator.reduce(torch.tensor(len(names), device=self.accelerator.device), "sum"))
         if count:
             raise ValueError(f"refusing to save the final model: {count} weight tensor(s) hold NaN or inf values "

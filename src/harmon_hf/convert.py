@@ -24,6 +24,7 @@ from .model_card import CARD_FILE, conversion_card
 from .user_input import cannot_write, first_line, system_error, unwritable_folder
 from .modeling import HarmonConfig, HarmonForConditionalGeneration, HarmonImageProcessor, HarmonProcessor
 from .modeling.configuration_harmon import QWEN2_5_0_5B_INSTRUCT
+from .modeling.modeling_harmon import nonfinite_tensors
 
 
 IMAGE_TOKEN = "<image>"
@@ -353,7 +354,7 @@ def load_release_state_dict(
     if not allow_nonfinite:
         # Named as in the user's files, so that they can be found there.
         nonfinite = [
-            (path, [name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()])
+            (path, nonfinite_tensors(tensors.items()))
             for path, tensors in ((checkpoint, harmon_state), (vae, vae_state))
         ]
         count = sum(len(names) for _, names in nonfinite)

@@ -79,9 +79,14 @@ def _read_uploaded_image(payload) -> PIL.Image.Image | None:
     """
     if payload is None:
         return None
-    if payload.path is None or not is_in_or_equal(payload.path, get_upload_folder()):
+    return _user_input(open_image, _uploaded_path(payload))
+
+
+def _uploaded_path(file) -> str:
+    """The path of a request's file, refused unless it lies in Gradio's upload folder."""
+    if file.path is None or not is_in_or_equal(file.path, get_upload_folder()):
         raise _user_error("Upload the image: only files uploaded to this app are read.")
-    return _user_input(open_image, payload.path)
+    return file.path
 
 
 def _read_text_conversation(payload) -> list[dict]:
@@ -235,11 +240,8 @@ def _read_image_editor(editor: gr.ImageEditor, payload) -> dict | None:
         background = io.BytesIO(blobs.background) if blobs and blobs.background else None
         layers = [io.BytesIO(layer) for layer in blobs.layers if layer] if blobs else []
     else:
-        background, layers = payload.background, payload.layers
-        for file in [background, *layers]:
-            if file is not None and (file.path is None or not is_in_or_equal(file.path, get_upload_folder())):
-                raise _user_error("Upload the image: only files uploaded to this app are read.")
-        background, layers = background and background.path, [layer.path for layer in layers]
+        background = payload.background and _uploaded_path(payload.background)
+        layers = [_uploaded_path(layer) for layer in payload.layers]
     if background is None:
         return None
     image = _user_input(open_image, background)
